@@ -1,0 +1,61 @@
+#include "model/weights.h"
+
+#include <fmt/ranges.h>
+
+#include "util/error.h"
+
+namespace bigmoe {
+
+void Linear::row(int o, float* dst) const {
+  size_t esz = dtype_size(w->dtype);
+  to_f32(w->dtype, w->data + size_t(o) * in * esz, dst, size_t(in));
+  if (scale) {
+    int nb = (in + bi - 1) / bi;
+    std::vector<float> s(nb);
+    size_t ssz = dtype_size(scale->dtype);
+    to_f32(scale->dtype, scale->data + size_t(o / bo) * nb * ssz, s.data(), size_t(nb));
+    for (int i = 0; i < in; ++i) dst[i] *= s[i / bi];
+  }
+}
+
+size_t Linear::nbytes() const { return (w ? w->nbytes : 0) + (scale ? scale->nbytes : 0); }
+
+const TensorView& WeightLoader::tensor(const std::string& name, std::vector<int64_t> shape) const {
+  const TensorView& t = st_.get(name);
+  if (t.shape != shape)
+    fail("{}: tensor '{}' has shape [{}], expected [{}]", t.file, name, fmt::join(t.shape, ", "),
+         fmt::join(shape, ", "));
+  return t;
+}
+
+Linear WeightLoader::linear(const std::string& prefix, int out, int in) const {
+  Linear l;
+  l.out = out;
+  l.in = in;
+  l.w = &tensor(prefix + ".weight", {out, in});
+  switch (l.w->dtype) {
+    case DType::F32: case DType::F16: case DType::BF16: case DType::F8_E4M3: break;
+    default: fail("{}: tensor '{}.weight' has dtype {}, expected a float type", l.w->file, prefix,
+                  dtype_name(l.w->dtype));
+  }
+  if (l.w->dtype == DType::F8_E4M3) {
+    std::string sname = prefix + ".weight_scale_inv";
+    if (!st_.has(sname))
+      fail("{}: FP8 tensor '{}.weight' has no '{}'", l.w->file, prefix, sname);
+    l.bo = bo_;
+    l.bi = bi_;
+    l.scale = &tensor(sname, {(out + bo_ - 1) / bo_, (in + bi_ - 1) / bi_});
+    if (l.scale->dtype != DType::F32 && l.scale->dtype != DType::BF16)
+      fail("{}: '{}' has dtype {}, expected F32 or BF16", l.scale->file, sname, dtype_name(l.scale->dtype));
+  }
+  return l;
+}
+
+std::vector<float> WeightLoader::vec(const std::string& name, int n) const {
+  const TensorView& t = tensor(name, {n});
+  std::vector<float> v(n);
+  to_f32(t.dtype, t.data, v.data(), size_t(n));
+  return v;
+}
+
+}  // namespace bigmoe
