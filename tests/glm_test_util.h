@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -14,7 +15,12 @@
 
 namespace bigmoe::test {
 
-inline std::filesystem::path fixture(const std::string& name) { return std::filesystem::path(BIGMOE_FIXTURES) / name; }
+// The fixtures folder: $BIGMOE_FIXTURES when set (tests run from a copy of the tree, e.g. on
+// the GPU machine), else the source tree's.
+inline std::filesystem::path fixture(const std::string& name) {
+  const char* env = std::getenv("BIGMOE_FIXTURES");
+  return std::filesystem::path(env && *env ? env : BIGMOE_FIXTURES) / name;
+}
 
 struct Reference {
   std::vector<int> prompt, greedy;

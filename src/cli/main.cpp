@@ -157,6 +157,12 @@ int main(int argc, char** argv) {
   run->add_option("--seed", sc.seed, "random seed");
   run->add_flag("--ignore-eos", ignore_eos, "keep generating after an end-of-sequence token");
 
+  // CLI11 reports a mistyped subcommand only as "A subcommand is required"; name it instead.
+  if (argc > 1 && argv[1][0] != '-' && !lg->check_name(argv[1]) && !in->check_name(argv[1]) &&
+      !run->check_name(argv[1])) {
+    fmt::print(stderr, "error: unknown subcommand '{}' (expected logits, inspect or run; see --help)\n", argv[1]);
+    return 1;
+  }
   CLI11_PARSE(app, argc, argv);
   try {
     if (*lg) return cmd_logits(model, ids, gen, out, mtp_out);

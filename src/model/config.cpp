@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
@@ -46,6 +47,15 @@ struct Fields {
     if (!v.is_boolean()) fail("{}: field '{}' must be true or false, found {}", src, k, v.dump());
     return v.get<bool>();
   }
+  std::string str(const char* k, std::optional<std::string> def = std::nullopt) const {
+    if (!has(k)) {
+      if (def) return *def;
+      fail("{}: missing required field '{}'", src, k);
+    }
+    const json& v = j.at(k);
+    if (!v.is_string()) fail("{}: field '{}' must be a string, found {}", src, k, v.dump());
+    return v.get<std::string>();
+  }
   std::vector<std::string> strings(const char* k) const {
     const json& v = j.at(k);
     if (!v.is_array()) fail("{}: field '{}' must be a list of strings", src, k);
@@ -72,9 +82,7 @@ RopeConfig parse_rope(const json& j, const std::string& src) {
   if (!p->is_object()) fail("{}: rope parameters must be an object", src);
   Fields f{*p, src};
   r.theta = f.number("rope_theta", r.theta);
-  std::string type = "default";
-  if (f.has("rope_type")) type = p->at("rope_type").get<std::string>();
-  else if (f.has("type")) type = p->at("type").get<std::string>();
+  std::string type = f.has("rope_type") ? f.str("rope_type") : f.str("type", "default");
   if (type == "default") {
     r.type = RopeType::Default;
   } else if (type == "yarn") {
@@ -114,8 +122,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& src) {
   if (!j.is_object()) fail("{}: config must be a JSON object", src);
   Fields f{j, src};
   ModelConfig c;
-  if (!f.has("model_type")) fail("{}: missing required field 'model_type'", src);
-  c.model_type = j.at("model_type").get<std::string>();
+  c.model_type = f.str("model_type");
   if (c.model_type != "glm_moe_dsa" && c.model_type != "deepseek_v32" && c.model_type != "deepseek_v3")
     fail("{}: unsupported model_type '{}' (supported: glm_moe_dsa, deepseek_v32, deepseek_v3)", src,
          c.model_type);
@@ -210,8 +217,9 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& src) {
 
   if (f.has("quantization_config")) {
     const json& q = j.at("quantization_config");
+    if (!q.is_object()) fail("{}: quantization_config must be an object, found {}", src, q.dump());
     Fields qf{q, src};
-    c.quant.method = q.value("quant_method", "");
+    c.quant.method = qf.str("quant_method", "");
     if (c.quant.method == "fp8") {
       if (qf.has("weight_block_size")) {
         auto& b = q.at("weight_block_size");

@@ -50,7 +50,7 @@ void GlmDsaModel::embed(int token, float* dst) const {
 // dense (selection left empty).
 void GlmDsaModel::indexer_select(const MlaWeights& w, const float* h, const float* cq, int T, int pos0,
                                  LayerCache& lc, std::vector<std::vector<int>>& selection) const {
-  const int d = cfg_.hidden_size, Hi = cfg_.index_n_heads, Di = cfg_.index_head_dim;
+  const int Hi = cfg_.index_n_heads, Di = cfg_.index_head_dim;
   std::vector<float> qi(size_t(T) * Hi * Di), k(size_t(T) * Di), wts(size_t(T) * Hi);
   linear(w.idx_wq_b, cq, T, qi.data());
   linear(w.idx_wk, h, T, k.data());
@@ -62,7 +62,6 @@ void GlmDsaModel::indexer_select(const MlaWeights& w, const float* h, const floa
     idx_rope_.apply(kt, pos0 + t);
   }
   lc.idx_k.insert(lc.idx_k.end(), k.begin(), k.end());
-  (void)d;
 
   const double head_scale = 1.0 / std::sqrt(double(Hi)), dot_scale = 1.0 / std::sqrt(double(Di));
   for (int t = 0; t < T; ++t) {
@@ -87,7 +86,7 @@ void GlmDsaModel::indexer_select(const MlaWeights& w, const float* h, const floa
 void GlmDsaModel::attention(const BlockWeights& bw, const float* h, int T, int pos0, LayerCache& lc,
                             std::vector<std::vector<int>>& selection, AttnForm form, float* out) const {
   const MlaWeights& w = bw.attn;
-  const int d = cfg_.hidden_size, H = cfg_.num_attention_heads, kvr = cfg_.kv_lora_rank;
+  const int H = cfg_.num_attention_heads, kvr = cfg_.kv_lora_rank;
   const int nope = cfg_.qk_nope_head_dim, rope = cfg_.qk_rope_head_dim, vd = cfg_.v_head_dim;
   const int qkh = nope + rope, N = pos0 + T;
 
@@ -202,7 +201,6 @@ void GlmDsaModel::attention(const BlockWeights& bw, const float* h, int T, int p
       }
   }
   linear(w.o, o.data(), T, out);
-  (void)d;
 }
 
 // Dense MLP or MoE (spec §3.9). h [T, d] normed; out [T, d].
@@ -330,5 +328,29 @@ ForwardOut GlmDsaModel::mtp_forward(const float* hidden, const std::vector<int>&
   linear(m.head, zn.data(), T, r.logits.data());
   return r;
 }
+
+namespace {
+
+class GlmDsaSession : public Session {
+ public:
+  explicit GlmDsaSession(const GlmDsaModel& m) : m_(m), cache_(m.new_cache()) {}
+  std::vector<float> feed(const std::vector<int>& tokens) override {
+    ForwardOut r = m_.forward(tokens, cache_, tokens.size() == 1 ? AttnForm::Absorbed : AttnForm::Plain);
+    return std::vector<float>(r.logits.end() - m_.vocab_size(), r.logits.end());
+  }
+  std::vector<float> feed_all(const std::vector<int>& tokens) override {
+    return m_.forward(tokens, cache_, tokens.size() == 1 ? AttnForm::Absorbed : AttnForm::Plain).logits;
+  }
+  int n_past() const override { return cache_.n; }
+  void truncate(int n_keep) override { cache_.truncate(n_keep); }
+
+ private:
+  const GlmDsaModel& m_;
+  KVCache cache_;
+};
+
+}  // namespace
+
+std::unique_ptr<Session> GlmDsaModel::new_session() const { return std::make_unique<GlmDsaSession>(*this); }
 
 }  // namespace bigmoe

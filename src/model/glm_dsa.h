@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "backend/cpu/ref_ops.h"
+#include "engine/lm.h"
 #include "io/safetensors.h"
 #include "model/config.h"
 #include "model/weights.h"
@@ -74,13 +75,18 @@ struct ForwardOut {
   std::vector<float> logits;  // [T, V]
 };
 
-class GlmDsaModel {
+class GlmDsaModel : public LanguageModel {
  public:
   // dir holds config.json, (generation_config.json) and safetensors weights.
   static std::unique_ptr<GlmDsaModel> load(const std::filesystem::path& dir);
 
   const ModelConfig& config() const { return cfg_; }
   bool has_mtp() const { return mtp_ != nullptr; }
+
+  int vocab_size() const override { return cfg_.vocab_size; }
+  int context_length() const override { return cfg_.max_position_embeddings; }
+  // Sessions prefill in the plain form and decode single tokens in the absorbed form.
+  std::unique_ptr<Session> new_session() const override;
 
   KVCache new_cache() const { return make_cache(cfg_.num_hidden_layers); }
   KVCache new_mtp_cache() const { return make_cache(1); }

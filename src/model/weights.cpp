@@ -6,7 +6,23 @@
 
 namespace bigmoe {
 
+Linear Linear::from_gguf(const GgufTensorInfo& t, const std::string& file) {
+  if (t.ne.size() != 2) fail("{}: tensor '{}' has {} dims, expected a 2-D weight", file, t.name, t.ne.size());
+  if (!ggml_type_computable(t.type))
+    fail("{}: tensor '{}' has type {}, which bigmoe cannot compute yet", file, t.name, ggml_type_name(t.type));
+  Linear l;
+  l.g = &t;
+  l.in = int(t.ne[0]);
+  l.out = int(t.ne[1]);
+  l.row_bytes = ggml_row_size(t.type, t.ne[0]);
+  return l;
+}
+
 void Linear::row(int o, float* dst) const {
+  if (g) {
+    dequantize_row(g->type, g->data + size_t(o) * row_bytes, dst, in);
+    return;
+  }
   size_t esz = dtype_size(w->dtype);
   to_f32(w->dtype, w->data + size_t(o) * in * esz, dst, size_t(in));
   if (scale) {
@@ -18,7 +34,7 @@ void Linear::row(int o, float* dst) const {
   }
 }
 
-size_t Linear::nbytes() const { return (w ? w->nbytes : 0) + (scale ? scale->nbytes : 0); }
+size_t Linear::nbytes() const { return (w ? w->nbytes : 0) + (scale ? scale->nbytes : 0) + (g ? g->nbytes : 0); }
 
 const TensorView& WeightLoader::tensor(const std::string& name, std::vector<int64_t> shape) const {
   const TensorView& t = st_.get(name);

@@ -4,18 +4,24 @@
 #include <string>
 #include <vector>
 
+#include "io/gguf.h"
 #include "io/safetensors.h"
 
 namespace bigmoe {
 
 // A linear layer y = W x with W [out, in] as stored. For FP8 block-quantized checkpoints
 // `scale` is weight_scale_inv [ceil(out/bo), ceil(in/bi)] and W ≈ fp8 × scale per block.
+// From GGUF, `g` is set instead: rows of ggml blocks (any computable ggml type), row o at
+// g->data + o * row_bytes.
 struct Linear {
   const TensorView* w = nullptr;
   const TensorView* scale = nullptr;
+  const GgufTensorInfo* g = nullptr;
+  size_t row_bytes = 0;  // GGUF only
   int out = 0, in = 0;
   int bo = 0, bi = 0;  // block sizes when scale != nullptr
-  bool present() const { return w != nullptr; }
+  bool present() const { return w != nullptr || g != nullptr; }
+  static Linear from_gguf(const GgufTensorInfo& t, const std::string& file);
   // Row o of W converted to float32 (dst has `in` elements).
   void row(int o, float* dst) const;
   size_t nbytes() const;  // weight bytes read for one full pass (incl. scales)
