@@ -35,6 +35,21 @@ LoadedModel load_model(const fs::path& path) {
   LoadedModel m;
   if (!fs::exists(path)) fail("{}: no such file or directory", path.string());
   if (fs::is_regular_file(path)) {
+    std::string arch = GgufFile::open(path)->get_str("general.architecture", "");
+    if (arch == "glm-dsa" || arch == "deepseek2") {
+      auto glm = GlmDsaModel::load_gguf(path);
+      const GgufFile& f = *glm->gguf();
+      m.name = path.stem().string();
+      if (f.find("tokenizer.ggml.model")) {
+        m.tokenizer = tokenizer_from_gguf(f);
+        add_stop(m.stop_ids, m.tokenizer->eos());
+        add_stop(m.stop_ids, m.tokenizer->eot());
+      }
+      if (f.find("tokenizer.chat_template"))
+        m.chat_template = ChatTemplate::parse(f.get_str("tokenizer.chat_template"), path.filename().string() + ":chat_template");
+      m.lm = std::move(glm);
+      return m;
+    }
     auto llama = LlamaModel::load(path);
     const GgufFile& f = llama->gguf();
     m.name = path.stem().string();

@@ -41,6 +41,10 @@ void GlmDsaModel::check_tokens(const std::vector<int>& tokens) const {
 }
 
 void GlmDsaModel::embed(int token, float* dst) const {
+  if (!embed_) {
+    embed_rows_.row(token, dst);
+    return;
+  }
   size_t d = size_t(cfg_.hidden_size), esz = dtype_size(embed_->dtype);
   to_f32(embed_->dtype, embed_->data + size_t(token) * d * esz, dst, d);
 }

@@ -7,6 +7,7 @@
 
 #include "backend/cpu/ref_ops.h"
 #include "engine/lm.h"
+#include "io/gguf.h"
 #include "io/safetensors.h"
 #include "model/config.h"
 #include "model/weights.h"
@@ -75,13 +76,20 @@ struct ForwardOut {
   std::vector<float> logits;  // [T, V]
 };
 
+// Rope tables for the main attention / indexer (defined in glm_dsa_load.cpp).
+cpu::Rope glm_dsa_make_rope(const ModelConfig& c, bool interleave);
+
 class GlmDsaModel : public LanguageModel {
  public:
   // dir holds config.json, (generation_config.json) and safetensors weights.
   static std::unique_ptr<GlmDsaModel> load(const std::filesystem::path& dir);
+  // A GGUF file as llama.cpp / ik_llama.cpp write arch `glm-dsa` (or `deepseek2`); see
+  // docs/gguf-glm-dsa.md. Errors name the file and the metadata key or tensor at fault.
+  static std::unique_ptr<GlmDsaModel> load_gguf(const std::filesystem::path& file);
 
   const ModelConfig& config() const { return cfg_; }
   bool has_mtp() const { return mtp_ != nullptr; }
+  const GgufFile* gguf() const { return gguf_.get(); }  // null unless loaded by load_gguf
 
   int vocab_size() const override { return cfg_.vocab_size; }
   int context_length() const override { return cfg_.max_position_embeddings; }
@@ -115,9 +123,11 @@ class GlmDsaModel : public LanguageModel {
 
   ModelConfig cfg_;
   SafetensorsModel st_;
+  std::shared_ptr<GgufFile> gguf_;      // set when loaded from GGUF
   std::vector<BlockWeights> layers_;
   std::unique_ptr<MtpWeights> mtp_;
-  const TensorView* embed_ = nullptr;   // [V, d]
+  const TensorView* embed_ = nullptr;   // [V, d] (safetensors)
+  Linear embed_rows_;                   // [V, d] (GGUF token_embd; used when embed_ is null)
   std::vector<float> final_norm_;       // [d]
   Linear lm_head_;                      // [V, d]
   cpu::Rope rope_, idx_rope_;

@@ -112,6 +112,8 @@ BlockWeights load_block(const WeightLoader& L, const ModelConfig& c, int i, bool
 
 }  // namespace
 
+cpu::Rope glm_dsa_make_rope(const ModelConfig& c, bool interleave) { return make_rope(c, interleave); }
+
 std::unique_ptr<GlmDsaModel> GlmDsaModel::load(const std::filesystem::path& dir) {
   std::unique_ptr<GlmDsaModel> m(new GlmDsaModel());
   if (!std::filesystem::is_directory(dir)) fail("{}: not a model directory", dir.string());

@@ -1,5 +1,7 @@
 #include "model/weights.h"
 
+#include <algorithm>
+
 #include <fmt/ranges.h>
 
 #include "util/error.h"
@@ -18,9 +20,36 @@ Linear Linear::from_gguf(const GgufTensorInfo& t, const std::string& file) {
   return l;
 }
 
+Linear Linear::from_gguf_expert(const GgufTensorInfo& t, int e, const std::string& file) {
+  if (t.ne.size() != 3) fail("{}: tensor '{}' has {} dims, expected a 3-D merged expert tensor", file, t.name, t.ne.size());
+  if (!ggml_type_computable(t.type))
+    fail("{}: tensor '{}' has type {}, which bigmoe cannot compute yet", file, t.name, ggml_type_name(t.type));
+  if (e < 0 || e >= t.ne[2]) fail("{}: tensor '{}' has {} experts, no expert {}", file, t.name, t.ne[2], e);
+  Linear l;
+  l.g = &t;
+  l.in = int(t.ne[0]);
+  l.out = int(t.ne[1]);
+  l.row_bytes = ggml_row_size(t.type, t.ne[0]);
+  l.g_offset = size_t(e) * size_t(l.out) * l.row_bytes;
+  return l;
+}
+
+Linear Linear::from_floats(std::vector<float> w, int out, int in) {
+  if (w.size() != size_t(out) * size_t(in)) fail("Linear::from_floats: {} values for [{}, {}]", w.size(), out, in);
+  Linear l;
+  l.out = out;
+  l.in = in;
+  l.owned = std::make_shared<const std::vector<float>>(std::move(w));
+  return l;
+}
+
 void Linear::row(int o, float* dst) const {
   if (g) {
-    dequantize_row(g->type, g->data + size_t(o) * row_bytes, dst, in);
+    dequantize_row(g->type, g->data + g_offset + size_t(o) * row_bytes, dst, in);
+    return;
+  }
+  if (owned) {
+    std::copy_n(owned->data() + size_t(o) * in, in, dst);
     return;
   }
   size_t esz = dtype_size(w->dtype);
@@ -34,7 +63,10 @@ void Linear::row(int o, float* dst) const {
   }
 }
 
-size_t Linear::nbytes() const { return (w ? w->nbytes : 0) + (scale ? scale->nbytes : 0) + (g ? g->nbytes : 0); }
+size_t Linear::nbytes() const {
+  return (w ? w->nbytes : 0) + (scale ? scale->nbytes : 0) + (g ? size_t(out) * row_bytes : 0) +
+         (owned ? owned->size() * sizeof(float) : 0);
+}
 
 const TensorView& WeightLoader::tensor(const std::string& name, std::vector<int64_t> shape) const {
   const TensorView& t = st_.get(name);

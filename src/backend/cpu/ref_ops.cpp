@@ -25,7 +25,7 @@ void linear_rows(const Linear& W, int r0, int n, const float* x, int T, float* y
       for (int t = 0; t < T; ++t) quantize_act(act, x + size_t(t) * W.in, &xq[size_t(t) * arow], W.in);
 #pragma omp parallel for schedule(static)
       for (int o = 0; o < n; ++o) {
-        const uint8_t* row = W.g->data + size_t(r0 + o) * W.row_bytes;
+        const uint8_t* row = W.g->data + W.g_offset + size_t(r0 + o) * W.row_bytes;
         for (int t = 0; t < T; ++t) y[size_t(t) * n + o] = vec_dot_act(W.g->type, row, &xq[size_t(t) * arow], W.in);
       }
       return;
@@ -33,7 +33,7 @@ void linear_rows(const Linear& W, int r0, int n, const float* x, int T, float* y
     // Other GGUF types: the tested SIMD dot of one quantized row with float activations.
 #pragma omp parallel for schedule(static)
     for (int o = 0; o < n; ++o) {
-      const uint8_t* row = W.g->data + size_t(r0 + o) * W.row_bytes;
+      const uint8_t* row = W.g->data + W.g_offset + size_t(r0 + o) * W.row_bytes;
       for (int t = 0; t < T; ++t) y[size_t(t) * n + o] = vec_dot(W.g->type, row, x + size_t(t) * W.in, W.in);
     }
     return;
