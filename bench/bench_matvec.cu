@@ -3,11 +3,13 @@
 // and B in {1, 4, 16}: median of 30 timed launches (CUDA events per launch, after warm-up),
 // rotating among enough weight buffers that the working set exceeds the L2 several times.
 // Bytes moved = weights (+ FP8 scales) + x + y. Usage: bench_matvec [--quick]
+// (filters: BENCH_FMTS, BENCH_B1 below; BIGMOE_MATVEC_QROWS picks the quant rows per warp at B <= 2)
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -49,6 +51,9 @@ float median(std::vector<float> v) {
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  // Optional filters (environment): BENCH_FMTS="Q4_K,Q6_K" (format names), BENCH_B1=1 (B = 1 only).
+  const char* fmt_filter = std::getenv("BENCH_FMTS");
+  const bool only_b1 = std::getenv("BENCH_B1") != nullptr;
   cudaDeviceProp prop{};
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
@@ -99,6 +104,7 @@ int main(int argc, char** argv) {
   for (const auto& sh : shapes) {
     if (quick && std::strcmp(sh.name, "lm_head") == 0) continue;
     for (auto f : fmts) {
+      if (fmt_filter && !std::strstr(fmt_filter, cuda::weight_format_name(f))) continue;
       const size_t wbytes = cuda::matvec_weight_bytes(f, sh.out, sh.in);
       const size_t sbytes =
           f == WeightFormat::FP8_E4M3 ? size_t((sh.out + 127) / 128) * ((sh.in + 127) / 128) * 4 : 0;
@@ -121,6 +127,7 @@ int main(int argc, char** argv) {
       fill_float<<<256, 256>>>(x, size_t(16) * sh.in, 99);
       CK(cudaGetLastError());
       for (int B : {1, 4, 16}) {
+        if (only_b1 && B != 1) continue;
         for (int k = 0; k < std::max(nbuf, 3); ++k)
           cuda::matvec(f, ws[k % nbuf], scale, sh.out, sh.in, x, B, y);  // warm-up
         CK(cudaDeviceSynchronize());

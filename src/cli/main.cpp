@@ -8,6 +8,7 @@
 #include <iostream>
 
 #include "cli/text_cmds.h"
+#include "cli/synth_cmd.h"
 #include "engine/sampler.h"
 #include "model/glm_dsa.h"
 #include "model/inspect.h"
@@ -159,6 +160,7 @@ int main(int argc, char** argv) {
   run->add_flag("--ignore-eos", ignore_eos, "keep generating after an end-of-sequence token");
 
   cli::TextCommands text(app);
+  cli::SynthCommand synth(app);
 
   // CLI11 reports a mistyped subcommand only as "A subcommand is required"; name it instead.
   std::vector<std::string> names;
@@ -174,6 +176,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     if (text.selected()) return text.run();
+    if (synth.selected()) return synth.run();
     if (*lg) return cmd_logits(model, ids, gen, out, mtp_out);
     if (*in) return cmd_inspect(dir, config_only, weights);
     if (*run) return cmd_run(model, ids, n, sc, ignore_eos);

@@ -10,17 +10,19 @@
 //    loads 16-byte chunks of the rows straight into registers, 4-8 chunks
 //    in flight per lane. FP8 multiplies each weight by its 128x128 block scale, as the reference.
 //  * Q8_0 / Q4_K / Q6_K: ggml blocks are 34 / 144 / 210 bytes, not multiples of 16, so the warp
-//    copies a run of blocks (about 2-3 KB) into its own shared-memory buffer with coalesced
-//    16-byte loads, then each lane decodes 8 consecutive weights from shared memory and dots
-//    them with x (a warp owns R rows, 4 at B <= 2 else 2, so each x load serves R rows);
-//    consecutive lanes take consecutive weights, so the x loads are coalesced
-//    (a lane per 32-weight sub-block made every x load touch 32 cache lines, which bound it).
+//    copies a run of blocks (about 1-2 KB per row) into its own shared-memory buffer with coalesced
+//    16-byte loads (a warp owns R rows, 4 at B <= 2 else 2, so each x load serves R rows). Each lane
+//    then takes a fixed task per block (Q8_0 8 weights, Q4_K 16, Q6_K 32; groups of 4 lanes read
+//    whole 128-byte lines of x) and decodes without I2F: PRMT puts a quant byte into a float's
+//    mantissa (128 + q, or 2^23 + u for Q8_0), the lane sums (128 + q)·x and x, and applies the
+//    sub-block scale once per task (see QTask).
 //  * BF16 / FP8 rows whose length breaks 16-byte alignment take a scalar fallback kernel.
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "backend/cuda/cuda_ops.h"
 #include "util/error.h"
@@ -227,55 +229,50 @@ struct QTraits<WeightFormat::Q6_K> {
   static constexpr int QK = 256, BS = 210, G = 16;
 };
 
-// The 8 weights 8*idx .. 8*idx+7 of the block at p (in shared memory).
-template <WeightFormat F>
-__device__ __forceinline__ void decode8(const uint8_t* p, int idx, float (&f)[8]) {
-  if constexpr (F == WeightFormat::Q8_0) {
-    const float d = half_at(p);
-    const uint16_t* q = reinterpret_cast<const uint16_t*>(p + 2 + 8 * idx);
+// Quant decode without I2F: a byte q (< 128) placed by PRMT in bits 16..23 of 0x43000000 is the
+// float 128 + q exactly; a byte u (any) in bits 0..7 of 0x4B000000 is 2^23 + u exactly.
+__device__ __forceinline__ float f128(uint32_t w, int j) {  // 128 + byte j of w (byte < 128)
+  return __uint_as_float(__byte_perm(w, 0x43000000u, 0x7054u | (uint32_t(j) << 8)));
+}
+__device__ __forceinline__ float f2p23(uint32_t w, int j) {  // 2^23 + byte j of w
+  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7650u | uint32_t(j)));
+}
+// 8 bytes at a 2-byte-aligned shared-memory address (reads up to 4 bytes past them).
+__device__ __forceinline__ uint2 lds8_a2(const uint8_t* p) {
+  const uint32_t* a = reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(3));
+  const uint32_t sel = (reinterpret_cast<uintptr_t>(p) & 2) ? 0x5432u : 0x3210u;
+  const uint32_t w0 = a[0], w1 = a[1], w2 = a[2];
+  return make_uint2(__byte_perm(w0, w1, sel), __byte_perm(w1, w2, sel));
+}
+template <int N>
+__device__ __forceinline__ void load_x(const float* __restrict__ xp, float (&xv)[N]) {  // xp 16-byte aligned
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      uint16_t v = q[j];
-      f[2 * j] = float(int8_t(v & 0xff)) * d;
-      f[2 * j + 1] = float(int8_t(v >> 8)) * d;
-    }
-  } else if constexpr (F == WeightFormat::Q4_K) {
-    const int sub = idx / 4, l0 = 8 * (idx % 4);
-    const float d = half_at(p), dmin = half_at(p + 2);
-    const uint8_t* s = p + 4;
-    int sc, m;
-    if (sub < 4) {
-      sc = s[sub] & 63;
-      m = s[sub + 4] & 63;
-    } else {
-      sc = (s[sub + 4] & 15) | ((s[sub - 4] >> 6) << 4);
-      m = (s[sub + 4] >> 4) | ((s[sub] >> 6) << 4);
-    }
-    const float dl = d * float(sc), ml = dmin * float(m);
-    const uint2 v = *reinterpret_cast<const uint2*>(p + 16 + 32 * (sub / 2) + l0);  // 8-byte aligned
-    const int shift = 4 * (sub % 2);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      f[j] = dl * float((v.x >> (8 * j + shift)) & 15) - ml;
-      f[4 + j] = dl * float((v.y >> (8 * j + shift)) & 15) - ml;
-    }
-  } else {  // Q6_K: e = 128h + 32k + l
-    const int e0 = 8 * idx, h = e0 / 128, k = (e0 % 128) / 32, l0 = e0 % 32;
-    const uint16_t* ql = reinterpret_cast<const uint16_t*>(p + 64 * h + 32 * (k % 2) + l0);
-    const uint16_t* qh = reinterpret_cast<const uint16_t*>(p + 128 + 32 * h + l0);
-    const float dl = half_at(p + 208) * float(reinterpret_cast<const int8_t*>(p + 192)[e0 / 16]);
-    const int lsh = 4 * (k / 2), hsh = 2 * k;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t lo = ql[j], hi = qh[j];
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        int q = int(((lo >> (8 * t + lsh)) & 15) | (((hi >> (8 * t + hsh)) & 3) << 4)) - 32;
-        f[2 * j + t] = dl * float(q);
-      }
-    }
+  for (int j = 0; j < N; j += 4) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(xp + j));
+    xv[j] = v.x, xv[j + 1] = v.y, xv[j + 2] = v.z, xv[j + 3] = v.w;
   }
 }
+
+// One lane task: TW weights of one block (LANES lanes per block).
+//  Q8_0: 8 consecutive weights (lane's 1/4 of a block); q converted once to float, dot, times d.
+//  Q4_K: 8 bytes of qs = 8 weights of sub-block 2k (low nibbles) + 8 of 2k+1 (high nibbles);
+//        acc += dl (S - 128 X) - ml X with S = sum (128 + q) x, X = sum x, scales decoded per task.
+//  Q6_K: 8 positions l of half h, all four 32-runs kk: 32 weights, 4 sub-block scales;
+//        acc += d sc (S - 160 X) (the stored 6-bit value is q + 32).
+template <WeightFormat F>
+struct QTask;
+template <>
+struct QTask<WeightFormat::Q8_0> {
+  static constexpr int LANES = 4;
+};
+template <>
+struct QTask<WeightFormat::Q4_K> {
+  static constexpr int LANES = 16;
+};
+template <>
+struct QTask<WeightFormat::Q6_K> {
+  static constexpr int LANES = 8;
+};
 
 template <WeightFormat F, int NB, int R>
 __global__ void __launch_bounds__(kThreads) matvec_quant(const uint8_t* __restrict__ w, int out, int in,
@@ -283,14 +280,15 @@ __global__ void __launch_bounds__(kThreads) matvec_quant(const uint8_t* __restri
                                                          float* __restrict__ y, int ksplit) {
   using T = QTraits<F>;
   constexpr int GR = T::G / R;                                // blocks per row and step
-  constexpr int STAGE = (GR * T::BS + 16 + 15) / 16 * 16;     // bytes, + room for misalignment
+  constexpr int STAGE = (GR * T::BS + 32 + 15) / 16 * 16;     // bytes, + misalignment + lds8_a2 overread
   constexpr int MAXC = (STAGE / 16 + 31) / 32;                // 16-byte chunks per lane and row
-  constexpr int LANES_PER_BLOCK = T::QK / 8;                  // lanes decoding one block
+  constexpr int LANES_PER_BLOCK = QTask<F>::LANES;            // lanes sharing one block
   constexpr int BLOCKS_PER_PASS = 32 / LANES_PER_BLOCK;
   __shared__ __align__(16) uint8_t stage[kWarps][R][STAGE];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = (blockIdx.x * (kWarps / ksplit) + warp / ksplit) * R, ks = warp % ksplit;
+  const int li = lane % LANES_PER_BLOCK;  // the lane's task inside a block (fixed)
   float acc[R][NB];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -336,29 +334,125 @@ __global__ void __launch_bounds__(kThreads) matvec_quant(const uint8_t* __restri
           if (lane + 32 * j < STAGE / 16) reinterpret_cast<uint4*>(stage[warp][r])[lane + 32 * j] = v[r][j];
       __syncwarp();
       for (int p = 0; p < nblk; p += BLOCKS_PER_PASS) {
-        const int blk = p + lane / LANES_PER_BLOCK, sub = lane % LANES_PER_BLOCK;
-        if (blk < nblk) {  // lanes read consecutive 32-byte pieces of x: coalesced
-          float f[R][8];
+        const int blk = p + lane / LANES_PER_BLOCK;
+        if (blk >= nblk) continue;
+        const float* xblk = x + size_t(g + blk) * T::QK;
+        if constexpr (F == WeightFormat::Q8_0) {
+          float q[R][8], d[R];
 #pragma unroll
-          for (int r = 0; r < R; ++r) decode8<F>(stage[warp][r] + off[r] + blk * T::BS, sub, f[r]);
-          const float* xp = x + size_t(g + blk) * T::QK + 8 * sub;
+          for (int r = 0; r < R; ++r) {
+            const uint8_t* bp = stage[warp][r] + off[r] + blk * T::BS;
+            d[r] = half_at(bp);
+            const uint2 u = lds8_a2(bp + 2 + 8 * li);
+            const uint32_t u0 = u.x ^ 0x80808080u, u1 = u.y ^ 0x80808080u;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              q[r][j] = f2p23(u0, j) - 8388736.f;  // - (2^23 + 128): exact
+              q[r][4 + j] = f2p23(u1, j) - 8388736.f;
+            }
+          }
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
-            const float* xb = xp + size_t(b < B ? b : B - 1) * in;
-            const float4 x0 = __ldg(reinterpret_cast<const float4*>(xb));
-            const float4 x1 = __ldg(reinterpret_cast<const float4*>(xb + 4));
+            float xv[8];
+            load_x(xblk + size_t(b < B ? b : B - 1) * in + 8 * li, xv);
 #pragma unroll
             for (int r = 0; r < R; ++r) {
-              float t = acc[r][b];
-              t = fmaf(f[r][0], x0.x, t);
-              t = fmaf(f[r][1], x0.y, t);
-              t = fmaf(f[r][2], x0.z, t);
-              t = fmaf(f[r][3], x0.w, t);
-              t = fmaf(f[r][4], x1.x, t);
-              t = fmaf(f[r][5], x1.y, t);
-              t = fmaf(f[r][6], x1.z, t);
-              t = fmaf(f[r][7], x1.w, t);
-              acc[r][b] = t;
+              float s = 0.f;
+#pragma unroll
+              for (int j = 0; j < 8; ++j) s = fmaf(q[r][j], xv[j], s);
+              acc[r][b] = fmaf(d[r], s, acc[r][b]);
+            }
+          }
+        } else if constexpr (F == WeightFormat::Q4_K) {
+          const int k = li / 4, l0 = 8 * (li % 4), j0 = 2 * (k & 1);
+          uint32_t lo[R][2], hi[R][2];
+          float dl0[R], ml0[R], dl1[R], ml1[R];
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const uint8_t* bp = stage[warp][r] + off[r] + blk * T::BS;  // 16-byte aligned (off = 0)
+            const uint4 h = *reinterpret_cast<const uint4*>(bp);
+            const uint2 qv = *reinterpret_cast<const uint2*>(bp + 16 + 32 * k + l0);
+            const float2 dd = __half22float2(*reinterpret_cast<const __half2*>(&h.x));
+            uint32_t scw, mw;
+            if (k < 2) {
+              scw = h.y & 0x3F3F3F3Fu;
+              mw = h.z & 0x3F3F3F3Fu;
+            } else {
+              scw = (h.w & 0x0F0F0F0Fu) | ((h.y >> 2) & 0x30303030u);
+              mw = ((h.w >> 4) & 0x0F0F0F0Fu) | ((h.z >> 2) & 0x30303030u);
+            }
+            const float nd = -dd.x * 8388608.f, nm = -dd.y * 8388608.f;  // exact (power of 2)
+            dl0[r] = fmaf(dd.x, f2p23(scw, j0), nd);  // d * sc, one rounding
+            dl1[r] = fmaf(dd.x, f2p23(scw, j0 + 1), nd);
+            ml0[r] = fmaf(dd.y, f2p23(mw, j0), nm);
+            ml1[r] = fmaf(dd.y, f2p23(mw, j0 + 1), nm);
+            lo[r][0] = qv.x & 0x0F0F0F0Fu, lo[r][1] = qv.y & 0x0F0F0F0Fu;
+            hi[r][0] = (qv.x >> 4) & 0x0F0F0F0Fu, hi[r][1] = (qv.y >> 4) & 0x0F0F0F0Fu;
+          }
+#pragma unroll
+          for (int b = 0; b < NB; ++b) {
+            float xa[8], xb[8];
+            const float* xp = xblk + size_t(b < B ? b : B - 1) * in + 64 * k + l0;
+            load_x(xp, xa);
+            load_x(xp + 32, xb);
+            float X0 = 0.f, X1 = 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) X0 += xa[j], X1 += xb[j];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+              for (int j = 0; j < 8; ++j) {
+                s0 = fmaf(f128(lo[r][j / 4], j % 4), xa[j], s0);
+                s1 = fmaf(f128(hi[r][j / 4], j % 4), xb[j], s1);
+              }
+              float a = acc[r][b];
+              a = fmaf(dl0[r], fmaf(-128.f, X0, s0), a);
+              a = fmaf(-ml0[r], X0, a);
+              a = fmaf(dl1[r], fmaf(-128.f, X1, s1), a);
+              a = fmaf(-ml1[r], X1, a);
+              acc[r][b] = a;
+            }
+          }
+        } else {  // Q6_K
+          const int h = li / 4, l0 = 8 * (li % 4);
+          uint32_t qw[R][4][2];
+          float dsc[R][4];
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const uint8_t* bp = stage[warp][r] + off[r] + blk * T::BS;  // 2-byte aligned
+            const uint2 qa = lds8_a2(bp + 64 * h + l0), qb = lds8_a2(bp + 64 * h + 32 + l0);
+            const uint2 qh = lds8_a2(bp + 128 + 32 * h + l0);
+            const uint32_t a2[2] = {qa.x, qa.y}, b2[2] = {qb.x, qb.y}, h2[2] = {qh.x, qh.y};
+#pragma unroll
+            for (int t = 0; t < 2; ++t) {
+              qw[r][0][t] = (a2[t] & 0x0F0F0F0Fu) | ((h2[t] << 4) & 0x30303030u);
+              qw[r][1][t] = (b2[t] & 0x0F0F0F0Fu) | ((h2[t] << 2) & 0x30303030u);
+              qw[r][2][t] = ((a2[t] >> 4) & 0x0F0F0F0Fu) | (h2[t] & 0x30303030u);
+              qw[r][3][t] = ((b2[t] >> 4) & 0x0F0F0F0Fu) | ((h2[t] >> 2) & 0x30303030u);
+            }
+            const float d = half_at(bp + 208);
+            const int8_t* sc = reinterpret_cast<const int8_t*>(bp + 192 + 8 * h + l0 / 16);
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) dsc[r][kk] = d * float(sc[2 * kk]);
+          }
+#pragma unroll
+          for (int b = 0; b < NB; ++b) {
+            const float* xp = xblk + size_t(b < B ? b : B - 1) * in + 128 * h + l0;
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+              float xv[8];
+              load_x(xp + 32 * kk, xv);
+              float X = 0.f;
+#pragma unroll
+              for (int j = 0; j < 8; ++j) X += xv[j];
+#pragma unroll
+              for (int r = 0; r < R; ++r) {
+                float s = 0.f;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) s = fmaf(f128(qw[r][kk][j / 4], j % 4), xv[j], s);
+                acc[r][b] = fmaf(dsc[r][kk], fmaf(-160.f, X, s), acc[r][b]);
+              }
             }
           }
         }
@@ -388,13 +482,35 @@ int choose_ksplit(int out, int units_per_row, int min_units) {
   return k;
 }
 
-template <WeightFormat F, int NB>
-void launch_quant(const uint8_t* w, int out, int in, const float* x, int B, float* y, cudaStream_t s) {
-  constexpr int R = NB <= 2 ? 4 : 2;  // rows per warp
+// Rows per warp for the quant formats at B <= 2: 4 by default; BIGMOE_MATVEC_QROWS=1|2|4 overrides
+// (a tuning knob for bench_matvec, read once).
+int quant_rows_b12() {
+  static int r = [] {
+    const char* e = std::getenv("BIGMOE_MATVEC_QROWS");
+    const int v = e ? std::atoi(e) : 4;
+    return v == 1 || v == 2 ? v : 4;
+  }();
+  return r;
+}
+
+template <WeightFormat F, int NB, int R>
+void launch_quant_r(const uint8_t* w, int out, int in, const float* x, int B, float* y, cudaStream_t s) {
   const int rows = (out + R - 1) / R;
   const int k = choose_ksplit(rows, in / QTraits<F>::QK, F == WeightFormat::Q8_0 ? 64 : 16);
   const dim3 g(unsigned((rows + kWarps / k - 1) / (kWarps / k)));
   matvec_quant<F, NB, R><<<g, kThreads, 0, s>>>(w, out, in, x, B, y, k);
+}
+
+template <WeightFormat F, int NB>
+void launch_quant(const uint8_t* w, int out, int in, const float* x, int B, float* y, cudaStream_t s) {
+  if constexpr (NB <= 2) {
+    const int r = quant_rows_b12();
+    if (r == 1) launch_quant_r<F, NB, 1>(w, out, in, x, B, y, s);
+    else if (r == 2) launch_quant_r<F, NB, 2>(w, out, in, x, B, y, s);
+    else launch_quant_r<F, NB, 4>(w, out, in, x, B, y, s);
+  } else {
+    launch_quant_r<F, NB, 2>(w, out, in, x, B, y, s);
+  }
 }
 
 template <int NB>
