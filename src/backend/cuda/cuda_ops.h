@@ -33,4 +33,34 @@ size_t matvec_weight_bytes(WeightFormat f, int out, int in);
 void matvec(WeightFormat fmt, const void* w, const float* scale, int out, int in, const float* x, int B, float* y,
             CUstream_st* stream = nullptr);
 
+// Absorbed-form MLA decode attention (spec §3 steps 5–7, §4) for T query tokens (1 <= T <= 16) of
+// one sequence at positions pos0 + t, over the latent cache. Device pointers, float32:
+// q_lat [T, H, kv_lora] (q̃ = W_UKᵀ q_nope), q_pe [T, H, rope] (roped), latent [N, kv_lora],
+// k_pe [N, rope] (16-byte aligned), out [T, H, kv_lora]:
+//   out[t, h] = Σ_s softmax_s(scale · (q_lat[t,h]·latent[s] + q_pe[t,h]·k_pe[s])) latent[s]
+// over s = 0..pos0+t (sel == nullptr: dense causal) or over the entries >= 0 of sel[t, 0..topk)
+// (device int [T, topk], e.g. from topk_per_row; -1 = padding). A row with no key gives zeros.
+// Only kv_lora 512 / rope 64 are built. Asynchronous on `stream`; throws on bad arguments.
+void mla_decode_attention(const float* q_lat, const float* q_pe, const float* latent, const float* k_pe, int T, int H,
+                          int kv_lora, int rope, int pos0, const int* sel, int topk, float scale, float* out,
+                          CUstream_st* stream = nullptr);
+
+// DSA indexer scores (spec §3 step 6) for T queries at positions pos0 + t (pos0 + T <= N):
+//   scores[t, s] = Σ_h w_scale · w[t, h] · ReLU(qi[t, h, :]·ki[s, :] / sqrt(Di)) for s <= pos0+t,
+//   scores[t, s] = -inf for pos0+t < s < N.
+// Device pointers, float32: qi [T, Hi, Di] (roped), ki [N, Di] (cached keys), w [T, Hi] (raw
+// weights_proj output; pass w_scale = Hi^-0.5), scores [T, N]. Needs Di <= 256 and
+// Hi * (Di + 1) floats of shared memory within 48 KB.
+void dsa_indexer_scores(const float* qi, const float* ki, const float* w, int T, int Hi, int Di, int N, int pos0,
+                        float w_scale, float* scores, CUstream_st* stream = nullptr);
+
+// Per-row top-k selection of indexer scores [T, N] (rows at positions pos0 + t): out [T, topk]
+// (device int) gets the positions of the topk largest scores among s <= pos0+t, in descending
+// score order; when pos0+t+1 <= topk, all causal positions 0..pos0+t in order, then -1 padding.
+// CUB segmented radix sort; `workspace` (device, topk_per_row_workspace_bytes(T, N) bytes) is
+// scratch. Asynchronous on `stream`.
+size_t topk_per_row_workspace_bytes(int T, int N);
+void topk_per_row(const float* scores, int T, int N, int pos0, int topk, void* workspace, size_t workspace_bytes,
+                  int* out, CUstream_st* stream = nullptr);
+
 }  // namespace bigmoe::cuda
