@@ -1,5 +1,7 @@
 #include "io/gguf_stream_writer.h"
 
+#include "io/gguf_writer.h"
+
 #include <algorithm>
 #include <cstring>
 
@@ -7,54 +9,10 @@
 
 namespace bigmoe {
 
-namespace {
-
-template <typename T>
-void put(std::vector<uint8_t>& out, T v) {
-  uint8_t b[sizeof(T)];
-  std::memcpy(b, &v, sizeof(T));
-  out.insert(out.end(), b, b + sizeof(T));
-}
-
-void put_str(std::vector<uint8_t>& out, const std::string& s) {
-  put<uint64_t>(out, s.size());
-  out.insert(out.end(), s.begin(), s.end());
-}
-
-void put_value(std::vector<uint8_t>& out, const GgufValue& v) {
-  switch (v.type) {
-    case GgufType::UINT8:
-    case GgufType::BOOL: put<uint8_t>(out, uint8_t(v.u)); return;
-    case GgufType::INT8: put<int8_t>(out, int8_t(v.i)); return;
-    case GgufType::UINT16: put<uint16_t>(out, uint16_t(v.u)); return;
-    case GgufType::INT16: put<int16_t>(out, int16_t(v.i)); return;
-    case GgufType::UINT32: put<uint32_t>(out, uint32_t(v.u)); return;
-    case GgufType::INT32: put<int32_t>(out, int32_t(v.i)); return;
-    case GgufType::UINT64: put<uint64_t>(out, v.u); return;
-    case GgufType::INT64: put<int64_t>(out, v.i); return;
-    case GgufType::FLOAT32: put<float>(out, float(v.f)); return;
-    case GgufType::FLOAT64: put<double>(out, v.f); return;
-    case GgufType::STRING: put_str(out, v.s); return;
-    case GgufType::ARRAY: break;
-  }
-  put<uint32_t>(out, uint32_t(v.elem_type));
-  put<uint64_t>(out, v.count);
-  if (v.elem_type == GgufType::STRING) {
-    if (v.strs.size() != v.count) fail("gguf stream writer: STRING array count mismatch");
-    for (const auto& s : v.strs) put_str(out, s);
-  } else if (v.elem_type == GgufType::ARRAY) {
-    if (v.items.size() != v.count) fail("gguf stream writer: nested array count mismatch");
-    for (const auto& item : v.items) put_value(out, item);
-  } else {
-    if (v.raw.size() != v.count * gguf_type_size(v.elem_type))
-      fail("gguf stream writer: {} array size mismatch", gguf_type_name(v.elem_type));
-    out.insert(out.end(), v.raw.begin(), v.raw.end());
-  }
-}
-
-uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
-
-}  // namespace
+using gguf_detail::align_up;
+using gguf_detail::put;
+using gguf_detail::put_str;
+using gguf_detail::put_value;
 
 GgufStreamWriter::GgufStreamWriter(uint32_t alignment) : alignment_(alignment) {
   if (alignment == 0 || (alignment & (alignment - 1)) != 0) fail("gguf stream writer: alignment must be a power of two");

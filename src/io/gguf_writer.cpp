@@ -7,14 +7,7 @@
 
 namespace bigmoe {
 
-namespace {
-
-template <typename T>
-void put(std::vector<uint8_t>& out, T v) {
-  uint8_t b[sizeof(T)];
-  std::memcpy(b, &v, sizeof(T));
-  out.insert(out.end(), b, b + sizeof(T));
-}
+namespace gguf_detail {
 
 void put_str(std::vector<uint8_t>& out, const std::string& s) {
   put<uint64_t>(out, s.size());
@@ -56,9 +49,12 @@ void put_value(std::vector<uint8_t>& out, const GgufValue& v) {
   }
 }
 
-uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+}  // namespace gguf_detail
 
-}  // namespace
+using gguf_detail::align_up;
+using gguf_detail::put;
+using gguf_detail::put_str;
+using gguf_detail::put_value;
 
 void GgufWriter::add(const std::string& key, GgufValue v) {
   if (keys_.count(key)) fail("gguf writer: duplicate key '{}'", key);

@@ -2,6 +2,7 @@
 // tests to make fixtures (well-formed and, by patching the output, malformed) and by
 // `bigmoe synth` to write small models.
 #pragma once
+#include <cstring>
 #include <cstdint>
 #include <filesystem>
 #include <set>
@@ -91,5 +92,19 @@ class GgufWriter {
   std::vector<Tensor> tensors_;
   std::set<std::string> names_;
 };
+
+// Byte-level serialization shared by GgufWriter and GgufStreamWriter.
+namespace gguf_detail {
+template <typename T>
+void put(std::vector<uint8_t>& out, T v) {
+  uint8_t b[sizeof(T)];
+  std::memcpy(b, &v, sizeof(T));
+  out.insert(out.end(), b, b + sizeof(T));
+}
+void put_str(std::vector<uint8_t>& out, const std::string& s);
+// Value bytes without the leading type tag (arrays carry their element type and count).
+void put_value(std::vector<uint8_t>& out, const GgufValue& v);
+inline uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+}  // namespace gguf_detail
 
 }  // namespace bigmoe
