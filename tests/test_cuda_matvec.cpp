@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "backend/cuda/cuda_ops.h"
+#include "cuda_test_util.h"
+#include "tensor/quant_act.h"
 #include "tensor/dtype.h"
 #include "tensor/quant.h"
 #include "util/error.h"
@@ -20,45 +22,11 @@ namespace {
 
 using cuda::WeightFormat;
 
-template <typename T>
-struct DeviceBuffer {
-  T* p = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(size_t n_) : n(n_) { cuda::check(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)), "cudaMalloc"); }
-  ~DeviceBuffer() { cudaFree(p); }
-  void upload(const std::vector<T>& v) { cuda::check(cudaMemcpy(p, v.data(), n * sizeof(T), cudaMemcpyHostToDevice), "upload"); }
-  std::vector<T> download() const {
-    std::vector<T> v(n);
-    cuda::check(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), "download");
-    return v;
-  }
-  void poison() { cuda::check(cudaMemset(p, 0xff, n * sizeof(T)), "memset"); }  // NaN for float
-};
+using test::DeviceBuffer;
 
-uint16_t f32_to_f16(float f) {  // small normal values only (test scales)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  uint32_t sign = (u >> 16) & 0x8000u;
-  int e = int((u >> 23) & 0xff) - 127 + 15;
-  uint32_t m = (u >> 13) & 0x3ffu;
-  if (e <= 0) return uint16_t(sign);
-  if (e >= 31) return uint16_t(sign | 0x7bff);
-  return uint16_t(sign | uint32_t(e) << 10 | m);
-}
 
-class CudaMatvec : public ::testing::Test {
+class CudaMatvec : public test::CudaTest {
  protected:
-  void SetUp() override {
-    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  }
-  std::mt19937 rng{std::random_device{}()};
-
-  std::vector<float> randn(size_t n, float scale = 1.f) {
-    std::normal_distribution<float> d(0.f, scale);
-    std::vector<float> v(n);
-    for (auto& x : v) x = d(rng);
-    return v;
-  }
   void put_f16(uint8_t* p, float lo, float hi) {
     uint16_t h = f32_to_f16(std::uniform_real_distribution<float>(lo, hi)(rng));
     std::memcpy(p, &h, 2);

@@ -10,37 +10,15 @@
 
 #include "backend/cpu/ref_ops.h"
 #include "backend/cuda/cuda_ops.h"
+#include "cuda_test_util.h"
 
 namespace bigmoe {
 namespace {
 
-template <typename T>
-struct DeviceBuffer {
-  T* p = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(size_t n_) : n(n_) { cuda::check(cudaMalloc(&p, n * sizeof(T)), "cudaMalloc"); }
-  ~DeviceBuffer() { cudaFree(p); }
-  void upload(const std::vector<T>& v) { cuda::check(cudaMemcpy(p, v.data(), n * sizeof(T), cudaMemcpyHostToDevice), "upload"); }
-  std::vector<T> download() const {
-    std::vector<T> v(n);
-    cuda::check(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), "download");
-    return v;
-  }
-  void poison() { cuda::check(cudaMemset(p, 0xff, n * sizeof(T)), "memset"); }  // NaN for float
-};
+using test::DeviceBuffer;
 
-class CudaOps : public ::testing::Test {
+class CudaOps : public test::CudaTest {
  protected:
-  void SetUp() override {
-    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  }
-  std::mt19937 rng{std::random_device{}()};
-  std::vector<float> randn(size_t n, float scale = 1.f) {
-    std::normal_distribution<float> d(0.f, scale);
-    std::vector<float> v(n);
-    for (auto& x : v) x = d(rng);
-    return v;
-  }
 };
 
 TEST_F(CudaOps, RmsNormMatchesReference) {
