@@ -1,6 +1,7 @@
-// cuda::matvec against a float64 CPU reference built from the scalar dequantization, on fresh
-// random weights and inputs (ctest label gpu; runs on the GPU machine). Outputs are poisoned
-// with NaN before each run so a kernel that skips elements cannot pass.
+// cuda::matvec / matvec_fp8 / matvec_grouped against a float64 CPU reference built from the
+// scalar dequantization, on fresh random weights and inputs (ctest label gpu; runs on the GPU
+// machine). Outputs are poisoned with NaN before each run so a kernel that skips elements cannot
+// pass; grouped runs pad the experts' weights and scales with NaN so a wrong offset cannot pass.
 #include <gtest/gtest.h>
 #include <cuda_runtime.h>
 
@@ -32,9 +33,10 @@ class CudaMatvec : public test::CudaTest {
     std::memcpy(p, &h, 2);
   }
 
-  // Random weights of format f; fills `deq` with the dequantized [out, in] matrix (float).
+  // Random weights of format f; fills `deq` with the dequantized [out, in] matrix (float). FP8
+  // scales use bo x bi blocks: scale [ceil(out/bo), ceil(in/bi)].
   std::vector<uint8_t> random_weights(WeightFormat f, int out, int in, std::vector<float>& scale,
-                                      std::vector<float>& deq) {
+                                      std::vector<float>& deq, int bo = 128, int bi = 128) {
     const size_t bytes = cuda::matvec_weight_bytes(f, out, in);
     std::vector<uint8_t> w(bytes);
     std::uniform_int_distribution<int> byte(0, 255);
@@ -52,13 +54,18 @@ class CudaMatvec : public test::CudaTest {
         break;
       }
       case WeightFormat::FP8_E4M3: {
-        const int so = (out + 127) / 128, si = (in + 127) / 128;
+        const int so = (out + bo - 1) / bo, si = (in + bi - 1) / bi;
         scale = randn(size_t(so) * si, 0.01f);
         for (size_t i = 0; i < w.size(); ++i) {
           while ((w[i] & 0x7f) == 0x7f) w[i] = uint8_t(byte(rng));  // no NaN codes
           const int o = int(i / in), c = int(i % in);
-          deq[i] = f8e4m3_to_f32(w[i]) * scale[size_t(o / 128) * si + c / 128];
+          deq[i] = f8e4m3_to_f32(w[i]) * scale[size_t(o / bo) * si + c / bi];
         }
+        break;
+      }
+      case WeightFormat::F32: {
+        deq = randn(size_t(out) * in, 0.5f);
+        std::memcpy(w.data(), deq.data(), w.size());
         break;
       }
       case WeightFormat::Q8_0:
@@ -82,9 +89,10 @@ class CudaMatvec : public test::CudaTest {
     return w;
   }
 
-  void check(WeightFormat f, int out, int in) {
+  // matvec for B in {1, 2, 4, 7, 16}; bo > 0 (FP8 only) calls matvec_fp8 with bo x bi blocks.
+  void check(WeightFormat f, int out, int in, double tol = 1e-4, int bo = 0, int bi = 0) {
     std::vector<float> scale, deq;
-    auto w = random_weights(f, out, in, scale, deq);
+    auto w = bo > 0 ? random_weights(f, out, in, scale, deq, bo, bi) : random_weights(f, out, in, scale, deq);
     DeviceBuffer<uint8_t> dw(w.size());
     dw.upload(w);
     DeviceBuffer<float> ds(scale.size());
@@ -94,7 +102,8 @@ class CudaMatvec : public test::CudaTest {
       DeviceBuffer<float> dx(x.size()), dy(size_t(B) * out);
       dx.upload(x);
       dy.poison();
-      cuda::matvec(f, dw.p, scale.empty() ? nullptr : ds.p, out, in, dx.p, B, dy.p);
+      if (bo > 0) cuda::matvec_fp8(dw.p, ds.p, bo, bi, out, in, dx.p, B, dy.p);
+      else cuda::matvec(f, dw.p, scale.empty() ? nullptr : ds.p, out, in, dx.p, B, dy.p);
       cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
       auto y = dy.download();
       int bad = 0;
@@ -108,14 +117,117 @@ class CudaMatvec : public test::CudaTest {
             mag += std::abs(double(wr[i]) * xb[i]);
           }
           const float got = y[size_t(b) * out + o];
-          if (!(std::abs(got - ref) <= 1e-4 * mag + 1e-30) && bad++ < 5)
+          if (!(std::abs(got - ref) <= tol * mag + 1e-30) && bad++ < 5)
             ADD_FAILURE() << cuda::weight_format_name(f) << " [" << out << " x " << in << "] B=" << B << " b=" << b
-                          << " o=" << o << ": got " << got << " want " << ref << " (sum|wx| " << mag << ")";
+                          << " o=" << o << " blocks " << bo << "x" << bi << ": got " << got << " want " << ref
+                          << " (sum|wx| " << mag << ")";
         }
       ASSERT_EQ(bad, 0) << cuda::weight_format_name(f) << " [" << out << " x " << in << "] B=" << B;
     }
   }
+
+  // One grouped problem: E experts stored w_stride bytes apart (scales scale_stride floats apart),
+  // the gaps filled with NaN / 0xff bytes.
+  struct Experts {
+    WeightFormat f;
+    int out, in, E, bo, bi;
+    size_t w_stride = 0, scale_stride = 0;
+    std::vector<uint8_t> w;
+    std::vector<float> scale;
+    std::vector<std::vector<float>> deq;  // per expert [out, in]
+  };
+  // pad: put 16 bytes (and 3 scale floats) of NaN between experts; without it the experts are
+  // packed (stride = matrix bytes, for dense formats this may break 16-byte alignment).
+  Experts make_experts(WeightFormat f, int out, int in, int E, int bo = 128, int bi = 128, bool pad = true) {
+    Experts ex{f, out, in, E, bo, bi};
+    const size_t bytes = cuda::matvec_weight_bytes(f, out, in);
+    ex.w_stride = pad ? (bytes + 15) / 16 * 16 + 16 : bytes;
+    ex.w.assign(ex.w_stride * E, 0xff);
+    ex.deq.resize(E);
+    for (int e = 0; e < E; ++e) {
+      std::vector<float> sc;
+      auto we = random_weights(f, out, in, sc, ex.deq[e], bo, bi);
+      std::memcpy(&ex.w[e * ex.w_stride], we.data(), bytes);
+      if (f == WeightFormat::FP8_E4M3) {
+        if (e == 0) {
+          ex.scale_stride = sc.size() + (pad ? 3 : 0);
+          ex.scale.assign(ex.scale_stride * E, std::nanf(""));
+        }
+        std::copy(sc.begin(), sc.end(), ex.scale.begin() + e * ex.scale_stride);
+      }
+    }
+    return ex;
+  }
+
+  // Runs matvec_grouped for these ids (device copies made here) and compares every slot with
+  // the reference; x has ceil(S / x_div) rows.
+  void run_grouped(const Experts& ex, const std::vector<int>& ids, int x_div, double tol) {
+    const int S = int(ids.size()), T = (S + x_div - 1) / x_div;
+    DeviceBuffer<uint8_t> dw(ex.w.size());
+    dw.upload(ex.w);
+    DeviceBuffer<float> ds(ex.scale.size());
+    if (!ex.scale.empty()) ds.upload(ex.scale);
+    DeviceBuffer<int> dids(ids.size());
+    dids.upload(ids);
+    auto x = randn(size_t(T) * ex.in);
+    DeviceBuffer<float> dx(x.size()), dy(size_t(S) * ex.out);
+    dx.upload(x);
+    dy.poison();
+    cuda::ExpertWeights ew{ex.f, dw.p, ex.w_stride};
+    if (!ex.scale.empty()) ew.scale = ds.p, ew.scale_stride = ex.scale_stride, ew.bo = ex.bo, ew.bi = ex.bi;
+    cuda::matvec_grouped(ew, ex.out, ex.in, dids.p, S, dx.p, x_div, dy.p);
+    cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    expect_grouped(ex, ids, x_div, x, dy.download(), tol);
+  }
+
+  void expect_grouped(const Experts& ex, const std::vector<int>& ids, int x_div, const std::vector<float>& x,
+                      const std::vector<float>& y, double tol) {
+    const int S = int(ids.size());
+    int bad = 0;
+    for (int s = 0; s < S; ++s)
+      for (int o = 0; o < ex.out; ++o) {
+        const float got = y[size_t(s) * ex.out + o];
+        double ref = 0, mag = 0;
+        if (ids[s] >= 0) {
+          const float* wr = &ex.deq[ids[s]][size_t(o) * ex.in];
+          const float* xr = &x[size_t(s / x_div) * ex.in];
+          for (int i = 0; i < ex.in; ++i) {
+            ref += double(wr[i]) * xr[i];
+            mag += std::abs(double(wr[i]) * xr[i]);
+          }
+        }
+        if (!(std::abs(got - ref) <= tol * mag + 1e-30) && bad++ < 5)
+          ADD_FAILURE() << cuda::weight_format_name(ex.f) << " [" << ex.out << " x " << ex.in << "] E=" << ex.E
+                        << " S=" << S << " x_div=" << x_div << " slot " << s << " (expert " << ids[s] << ") o=" << o
+                        << ": got " << got << " want " << ref << " (sum|wx| " << mag << ")";
+      }
+    ASSERT_EQ(bad, 0) << cuda::weight_format_name(ex.f) << " [" << ex.out << " x " << ex.in << "] S=" << S;
+  }
+
+  // S random expert ids in [0, E) with ids[1] = -1 and ids[S - 1] = ids[0] (a repeat).
+  std::vector<int> random_ids(int E, int S) {
+    std::uniform_int_distribution<int> d(0, E - 1);
+    std::vector<int> ids(S);
+    for (auto& i : ids) i = d(rng);
+    if (S > 2) ids[1] = -1, ids[S - 1] = ids[0];
+    return ids;
+  }
+
+  // The MoE shape: T = 3 tokens, top-4 of E = 6 experts (S = 12, x_div = 4); then smaller cases:
+  // S not a multiple of x_div, and one x row per slot.
+  void check_grouped(WeightFormat f, int out, int in, double tol, int bo = 128, int bi = 128, bool pad = true) {
+    const auto ex = make_experts(f, out, in, 6, bo, bi, pad);
+    run_grouped(ex, random_ids(6, 12), 4, tol);
+    run_grouped(ex, random_ids(6, 10), 4, tol);
+    run_grouped(ex, random_ids(6, 5), 1, tol);
+    run_grouped(ex, {-1}, 1, tol);
+    run_grouped(ex, {5, 5, 5}, 2, tol);
+  }
 };
+
+double tol_of(WeightFormat f) {  // float32 accumulation of exact weights; quant decode tricks lose a little more
+  return f == WeightFormat::Q8_0 || f == WeightFormat::Q4_K || f == WeightFormat::Q6_K ? 1e-4 : 1e-5;
+}
 
 TEST_F(CudaMatvec, BF16) {
   // 16-byte-aligned rows (vector path, incl. in not a multiple of 128) and odd in (scalar path).
@@ -143,10 +255,84 @@ TEST_F(CudaMatvec, Q6_K) {
     check(WeightFormat::Q6_K, out, in);
 }
 
+TEST_F(CudaMatvec, F32) {
+  // 16-byte-aligned rows (vector path), odd in (scalar path), the MoE expert shapes.
+  for (auto [out, in] : {std::pair{1, 4}, {37, 1000}, {129, 1104}, {2048, 6144}, {6144, 2048}, {7, 333}, {300, 4097},
+                         {5, 1}})
+    check(WeightFormat::F32, out, in, 1e-5);
+}
+
+TEST_F(CudaMatvec, FP8Blocks) {
+  // matvec_fp8 with other scale blocks: vector kernel (bi % 16 == 0, in % 16 == 0), scalar kernel
+  // (odd in or bi % 16 != 0), and 128x128 through matvec_fp8 (matvec's fast path).
+  struct Case {
+    int bo, bi, out, in;
+  };
+  for (auto c : {Case{32, 32, 2048, 6144}, Case{32, 32, 6144, 2048}, Case{32, 32, 37, 1104}, Case{32, 32, 7, 333},
+                 Case{64, 128, 2048, 6144}, Case{64, 128, 129, 1000}, Case{64, 128, 200, 4097}, Case{64, 128, 1, 16},
+                 Case{1, 48, 33, 480}, Case{7, 24, 50, 96}, Case{128, 128, 257, 2048}, Case{128, 128, 7, 333},
+                 Case{256, 16, 300, 512}})
+    check(WeightFormat::FP8_E4M3, c.out, c.in, 1e-5, c.bo, c.bi);
+}
+
 TEST_F(CudaMatvec, LargeRowCounts) {
   // Many rows: exercises the K-split choice (few rows) vs one warp per row (many rows).
-  for (auto f : {WeightFormat::BF16, WeightFormat::FP8_E4M3, WeightFormat::Q8_0, WeightFormat::Q4_K, WeightFormat::Q6_K})
+  for (auto f : {WeightFormat::BF16, WeightFormat::FP8_E4M3, WeightFormat::Q8_0, WeightFormat::Q4_K, WeightFormat::Q6_K,
+                 WeightFormat::F32})
     check(f, 6145, 512);
+}
+
+TEST_F(CudaMatvec, GroupedDense) {
+  for (auto f : {WeightFormat::BF16, WeightFormat::FP8_E4M3, WeightFormat::F32}) {
+    for (auto [out, in] : {std::pair{2048, 6144}, {6144, 2048}, {37, 512}, {1, 16}}) check_grouped(f, out, in, tol_of(f));
+    check_grouped(f, 7, 333, tol_of(f));                   // odd in: scalar kernel
+    check_grouped(f, 129, 1000, tol_of(f), 128, 128, false);  // packed experts: stride not a multiple of 16
+  }
+}
+
+TEST_F(CudaMatvec, GroupedFP8Blocks) {
+  check_grouped(WeightFormat::FP8_E4M3, 2048, 6144, 1e-5, 32, 32);
+  check_grouped(WeightFormat::FP8_E4M3, 6144, 2048, 1e-5, 64, 128);
+  check_grouped(WeightFormat::FP8_E4M3, 37, 333, 1e-5, 32, 32);   // scalar kernel
+  check_grouped(WeightFormat::FP8_E4M3, 50, 96, 1e-5, 7, 24);     // bi % 16 != 0: scalar kernel
+}
+
+TEST_F(CudaMatvec, GroupedQuant) {
+  check_grouped(WeightFormat::Q8_0, 37, 96, tol_of(WeightFormat::Q8_0));
+  for (auto f : {WeightFormat::Q8_0, WeightFormat::Q4_K, WeightFormat::Q6_K})
+    for (auto [out, in] : {std::pair{2048, 6144}, {6144, 2048}, {37, 512}, {1, 256}}) check_grouped(f, out, in, tol_of(f));
+}
+
+TEST_F(CudaMatvec, GroupedInCudaGraph) {
+  // Captured once, replayed with other ids written to the same device array: the kernel must read
+  // ids on the device.
+  const auto ex = make_experts(WeightFormat::Q4_K, 2048, 6144, 6);
+  const int S = 12, x_div = 4;
+  DeviceBuffer<uint8_t> dw(ex.w.size());
+  dw.upload(ex.w);
+  DeviceBuffer<int> dids(S);
+  auto x = randn(size_t(S / x_div) * ex.in);
+  DeviceBuffer<float> dx(x.size()), dy(size_t(S) * ex.out);
+  dx.upload(x);
+  cudaStream_t st;
+  cuda::check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "cudaStreamCreate");
+  cuda::check(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture");
+  cuda::matvec_grouped({ex.f, dw.p, ex.w_stride}, ex.out, ex.in, dids.p, S, dx.p, x_div, dy.p, st);
+  cudaGraph_t graph;
+  cuda::check(cudaStreamEndCapture(st, &graph), "cudaStreamEndCapture");
+  cudaGraphExec_t exec;
+  cuda::check(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto ids = random_ids(6, S);
+    dids.upload(ids);
+    dy.poison();
+    cuda::check(cudaGraphLaunch(exec, st), "cudaGraphLaunch");
+    cuda::check(cudaStreamSynchronize(st), "cudaStreamSynchronize");
+    expect_grouped(ex, ids, x_div, x, dy.download(), tol_of(ex.f));
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(st);
 }
 
 TEST_F(CudaMatvec, RejectsBadArguments) {
@@ -154,6 +340,40 @@ TEST_F(CudaMatvec, RejectsBadArguments) {
   EXPECT_THROW(cuda::matvec(WeightFormat::Q4_K, buf.p, nullptr, 4, 100, buf.p, 1, buf.p), Error);
   EXPECT_THROW(cuda::matvec(WeightFormat::BF16, buf.p, nullptr, 4, 64, buf.p, 17, buf.p), Error);
   EXPECT_THROW(cuda::matvec(WeightFormat::FP8_E4M3, buf.p, nullptr, 4, 64, buf.p, 1, buf.p), Error);
+  EXPECT_THROW(cuda::matvec(WeightFormat(17), buf.p, nullptr, 4, 64, buf.p, 1, buf.p), Error);
+  EXPECT_THROW(cuda::matvec(WeightFormat::F32, reinterpret_cast<const uint8_t*>(buf.p) + 2, nullptr, 4, 64, buf.p, 1,
+                            buf.p),
+               Error);
+  EXPECT_THROW(cuda::matvec(WeightFormat::F32, buf.p, nullptr, 0, 64, buf.p, 1, buf.p), Error);
+  // matvec_fp8: scales and positive block sizes.
+  EXPECT_THROW(cuda::matvec_fp8(buf.p, nullptr, 32, 32, 4, 64, buf.p, 1, buf.p), Error);
+  EXPECT_THROW(cuda::matvec_fp8(buf.p, buf.p, 0, 32, 4, 64, buf.p, 1, buf.p), Error);
+  EXPECT_THROW(cuda::matvec_fp8(buf.p, buf.p, 32, -1, 4, 64, buf.p, 1, buf.p), Error);
+  EXPECT_THROW(cuda::matvec_fp8(buf.p, buf.p, 32, 32, 4, 64, buf.p, 0, buf.p), Error);
+  // matvec_grouped.
+  DeviceBuffer<int> ids(16);
+  ids.poison();  // -1: no expert
+  const cuda::ExpertWeights q4{WeightFormat::Q4_K, buf.p, 144 * 4};
+  EXPECT_NO_THROW(cuda::matvec_grouped(q4, 4, 256, ids.p, 1, buf.p, 1, buf.p));  // (ids unset: only the checks)
+  cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  EXPECT_THROW(cuda::matvec_grouped(q4, 4, 256, nullptr, 1, buf.p, 1, buf.p), Error);   // no ids
+  EXPECT_THROW(cuda::matvec_grouped(q4, 4, 256, ids.p, 0, buf.p, 1, buf.p), Error);     // S = 0
+  EXPECT_THROW(cuda::matvec_grouped(q4, 4, 256, ids.p, 65536, buf.p, 1, buf.p), Error); // S too large
+  EXPECT_THROW(cuda::matvec_grouped(q4, 4, 256, ids.p, 4, buf.p, 0, buf.p), Error);     // x_div = 0
+  EXPECT_THROW(cuda::matvec_grouped(q4, 4, 100, ids.p, 4, buf.p, 1, buf.p), Error);     // in % 256
+  EXPECT_THROW(cuda::matvec_grouped({WeightFormat::Q4_K, buf.p, 144 * 4 + 8}, 4, 256, ids.p, 4, buf.p, 1, buf.p),
+               Error);  // w_stride % 16
+  EXPECT_THROW(cuda::matvec_grouped({WeightFormat::Q8_0, reinterpret_cast<const uint8_t*>(buf.p) + 4, 1024}, 4, 256,
+                                    ids.p, 4, buf.p, 1, buf.p),
+               Error);  // misaligned w
+  EXPECT_THROW(cuda::matvec_grouped({WeightFormat::BF16, buf.p, 1001}, 4, 64, ids.p, 4, buf.p, 1, buf.p),
+               Error);  // BF16 stride not whole elements
+  EXPECT_THROW(cuda::matvec_grouped({WeightFormat::F32, buf.p, 1026}, 4, 64, ids.p, 4, buf.p, 1, buf.p), Error);
+  EXPECT_THROW(cuda::matvec_grouped({WeightFormat::FP8_E4M3, buf.p, 256}, 4, 64, ids.p, 4, buf.p, 1, buf.p),
+               Error);  // FP8 without scales
+  cuda::ExpertWeights f8{WeightFormat::FP8_E4M3, buf.p, 256, buf.p, 1};
+  f8.bo = 0;
+  EXPECT_THROW(cuda::matvec_grouped(f8, 4, 64, ids.p, 4, buf.p, 1, buf.p), Error);  // bad block
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-// The `synth` subcommand: writes a synthetic GLM-5.2-shaped GGUF (src/model/synth.h).
+// The `synth` subcommand: writes a synthetic GLM-5.2-shaped checkpoint, a GGUF file or an FP8
+// safetensors directory (src/model/synth.h).
 #pragma once
 #include <CLI/CLI.hpp>
 

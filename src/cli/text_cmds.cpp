@@ -8,6 +8,9 @@
 #include <iostream>
 #include <sstream>
 
+#ifdef BIGMOE_WITH_CUDA
+#include "backend/cuda/glm_dsa_cuda.h"
+#endif
 #include "engine/generate.h"
 #include "engine/model_loader.h"
 #include "server/server.h"
@@ -19,6 +22,8 @@ struct TextCommands::Opts {
   CLI::App *serve = nullptr, *chat = nullptr, *complete = nullptr, *ppl = nullptr;
   std::string model, host = "127.0.0.1", prompt, file, system;
   int port = 8080, n = 256, ctx = 0;
+  bool gpu = false;
+  int gpu_ctx = 8192;
   SamplerConfig sampler;
 };
 
@@ -40,6 +45,9 @@ TextCommands::TextCommands(CLI::App& app) : o_(std::make_unique<Opts>()) {
   Opts& o = *o_;
   auto model_opt = [&](CLI::App* a) {
     a->add_option("-m,--model", o.model, "a GGUF file (llama) or a checkpoint directory (GLM-DSA family)")->required();
+    a->add_flag("--gpu", o.gpu, "run a GLM-DSA model on the CUDA device, every weight in GPU memory");
+    a->add_option("--gpu-ctx", o.gpu_ctx, "with --gpu: cache positions per sequence (default 8192)")
+        ->check(CLI::Range(16, 1 << 20));
   };
   auto sampling = [&](CLI::App* a) {
     a->add_option("--temp", o.sampler.temperature, "sampling temperature (0 = greedy)")->check(CLI::Range(0.0, 100.0));
@@ -82,6 +90,22 @@ int TextCommands::run() {
   fmt::print(stderr, "loading {} ...\n", o.model);
   LoadedModel m = load_model(o.model);
   const Tokenizer& tok = need_tokenizer(m);
+  if (o.gpu) {
+#ifdef BIGMOE_WITH_CUDA
+    auto* glm = dynamic_cast<GlmDsaModel*>(m.lm.get());
+    if (!glm) fail("--gpu: '{}' is not a GLM-DSA checkpoint; only the GLM-DSA family runs on the GPU", m.name);
+    std::unique_ptr<GlmDsaModel> owned(glm);
+    (void)m.lm.release();
+    cuda::GlmDsaCudaOptions go;
+    go.max_context = std::min(o.gpu_ctx, owned->context_length());
+    go.max_sequences = 2;  // the server's live session and the one that replaces it
+    go.max_rows = 512;
+    go.progress = true;
+    m.lm = cuda::make_cuda_language_model(std::move(owned), go);
+#else
+    fail("--gpu: this build of bigmoe has no CUDA backend (nvcc was not found at configure time)");
+#endif
+  }
 
   if (o.serve->parsed()) {
     if (!m.chat_template) fail("model '{}' has no chat template; /v1/chat/completions needs one", m.name);

@@ -12,9 +12,6 @@ namespace bigmoe {
 using cpu::linear;
 using cpu::rms_norm;
 
-// q_a_layernorm / kv_a_layernorm use the module default eps in transformers, not rms_norm_eps.
-constexpr double kLoraNormEps = 1e-6;
-constexpr double kIndexerNormEps = 1e-6;
 
 void KVCache::truncate(int n_keep) {
   if (n_keep < 0 || n_keep > n) fail("KVCache::truncate: {} outside 0..{}", n_keep, n);

@@ -14,6 +14,11 @@
 
 namespace bigmoe {
 
+// q_a_layernorm / kv_a_layernorm and the indexer's k LayerNorm use the module default eps in
+// transformers, not rms_norm_eps.
+inline constexpr double kLoraNormEps = 1e-6;
+inline constexpr double kIndexerNormEps = 1e-6;
+
 struct MlaWeights {
   Linear q_proj;                        // [H*qk_head, d] when q_lora_rank == 0
   Linear q_a;                           // [q_lora, d]
@@ -107,6 +112,16 @@ class GlmDsaModel : public LanguageModel {
   // embedding zeroed. Returns the MTP logits [T, V] (predictions two tokens ahead).
   ForwardOut mtp_forward(const float* hidden, const std::vector<int>& next_tokens, KVCache& cache,
                          AttnForm form) const;
+
+  // Read access for other backends (the CUDA executor uploads these).
+  const std::vector<BlockWeights>& layers() const { return layers_; }
+  const std::vector<float>& final_norm() const { return final_norm_; }
+  const Linear& lm_head() const { return lm_head_; }
+  const cpu::Rope& rope() const { return rope_; }
+  const cpu::Rope& indexer_rope() const { return idx_rope_; }
+  // The embedding row of `token` as float32 (dst has hidden_size elements).
+  void embed_row(int token, float* dst) const { embed(token, dst); }
+  void check_token_ids(const std::vector<int>& tokens) const { check_tokens(tokens); }
 
  private:
   GlmDsaModel() = default;

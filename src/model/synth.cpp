@@ -16,26 +16,57 @@
 
 namespace bigmoe {
 
-namespace {
+using namespace synth_detail;
 
-// GLM-5.2 per-layer dimensions (spec §1).
-constexpr int kHeads = 64, kQLora = 2048, kKvLora = 512, kNope = 192, kRope = 64, kV = 256;
-constexpr int kExpertWidth = 2048, kDenseWidth = 12288, kTopK = 8, kShared = 1;
-constexpr int kIdxHeads = 32, kIdxDim = 128, kIdxTopK = 2048;
-constexpr int kContext = 202752;
-
-uint64_t splitmix(uint64_t& s) {
+uint64_t synth_detail::splitmix(uint64_t& s) {
   uint64_t z = (s += 0x9E3779B97F4A7C15ull);
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
 }
 
-uint64_t fnv1a(const std::string& s) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
-  return h;
+uint64_t synth_detail::tensor_seed(uint64_t seed, const std::string& name) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : name) h = (h ^ c) * 1099511628211ull;
+  return seed * 0x9E3779B97F4A7C15ull ^ h;
 }
+
+void synth_detail::validate(const SynthOptions& o) {
+  if (o.n_dense < 1) fail("synth: --dense must be >= 1 (layer 0 is dense in GLM-5; got {})", o.n_dense);
+  if (o.n_moe < 0) fail("synth: --moe must be >= 0 (got {})", o.n_moe);
+  if (o.n_experts < 1) fail("synth: --experts must be >= 1 (got {})", o.n_experts);
+  if (o.vocab < 260) fail("synth: --vocab must be >= 260 (256 byte tokens, a merge, bos, eos; got {})", o.vocab);
+  if (o.hidden < 256 || o.hidden % 256 != 0) fail("synth: --hidden must be a positive multiple of 256 (got {})", o.hidden);
+  if (o.mtp && o.n_moe < 1) fail("synth: --mtp needs at least one MoE layer");
+  if (o.format != SynthFormat::Gguf && o.format != SynthFormat::Fp8) fail("synth: unknown format {}", int(o.format));
+  if (o.format == SynthFormat::Fp8 && o.shard_bytes < 1'000'000)
+    fail("synth: the shard size must be at least 1 MB (got {} bytes)", o.shard_bytes);
+}
+
+void synth_detail::Progress::update(uint64_t n, const std::string& name, bool force) {
+  done += n;
+  if (!on) return;
+  auto now = std::chrono::steady_clock::now();
+  if (!force && now - last < std::chrono::milliseconds(200)) return;
+  last = now;
+  double frac = total ? double(done) / double(total) : 1.0;
+  double secs = std::chrono::duration<double>(now - t0).count();
+  int w = 30, fill = int(frac * w);
+  std::string bar(size_t(fill), '#');
+  bar.resize(size_t(w), ' ');
+  std::fprintf(stderr, "\r[%s] %5.1f%% %7.2f/%.2f GB %6.1f MB/s %-36.36s", bar.c_str(), 100 * frac, done / 1e9,
+               total / 1e9, secs > 0 ? done / 1e6 / secs : 0.0, name.c_str());
+  if (force) std::fprintf(stderr, "\n");
+  std::fflush(stderr);
+}
+
+SynthFormat parse_synth_format(const std::string& s) {
+  if (s == "gguf") return SynthFormat::Gguf;
+  if (s == "fp8") return SynthFormat::Fp8;
+  fail("synth: --format must be gguf or fp8 (got '{}')", s);
+}
+
+namespace {
 
 enum class Fill { Q8, Q4K, F32Const, F32Uniform };
 
@@ -171,15 +202,6 @@ Plan make_plan(const SynthOptions& o) {
   return P;
 }
 
-void validate(const SynthOptions& o) {
-  if (o.n_dense < 1) fail("synth: --dense must be >= 1 (layer 0 is dense in GLM-5; got {})", o.n_dense);
-  if (o.n_moe < 0) fail("synth: --moe must be >= 0 (got {})", o.n_moe);
-  if (o.n_experts < 1) fail("synth: --experts must be >= 1 (got {})", o.n_experts);
-  if (o.vocab < 260) fail("synth: --vocab must be >= 260 (256 byte tokens, a merge, bos, eos; got {})", o.vocab);
-  if (o.hidden < 256 || o.hidden % 256 != 0) fail("synth: --hidden must be a positive multiple of 256 (got {})", o.hidden);
-  if (o.mtp && o.n_moe < 1) fail("synth: --mtp needs at least one MoE layer");
-}
-
 // GPT-2 byte-level alphabet: byte b -> one unicode code point, as UTF-8.
 std::string byte_token(int b) {
   auto printable = [](int c) { return (c >= '!' && c <= '~') || (c >= 0xA1 && c <= 0xAC) || (c >= 0xAE && c <= 0xFF); };
@@ -260,30 +282,8 @@ void add_metadata(GgufStreamWriter& w, const SynthOptions& o) {
   w.add_bool("tokenizer.ggml.add_bos_token", false);
 }
 
-struct Progress {
-  bool on;
-  uint64_t total, done = 0;
-  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now(), last{};
-  void update(uint64_t n, const std::string& name, bool force = false) {
-    done += n;
-    if (!on) return;
-    auto now = std::chrono::steady_clock::now();
-    if (!force && now - last < std::chrono::milliseconds(200)) return;
-    last = now;
-    double frac = total ? double(done) / double(total) : 1.0;
-    double secs = std::chrono::duration<double>(now - t0).count();
-    int w = 30, fill = int(frac * w);
-    std::string bar(size_t(fill), '#');
-    bar.resize(size_t(w), ' ');
-    std::fprintf(stderr, "\r[%s] %5.1f%% %7.2f/%.2f GB %6.1f MB/s %-36.36s", bar.c_str(), 100 * frac, done / 1e9,
-                 total / 1e9, secs > 0 ? done / 1e6 / secs : 0.0, name.c_str());
-    if (force) std::fprintf(stderr, "\n");
-    std::fflush(stderr);
-  }
-};
-
 void write_tensor(GgufStreamWriter& w, const Spec& s, uint64_t seed, size_t nbytes, Progress& prog) {
-  const uint64_t tseed = seed * 0x9E3779B97F4A7C15ull ^ fnv1a(s.name);
+  const uint64_t tseed = tensor_seed(seed, s.name);
   if (s.type == GgmlType::F32) {
     size_t n = nbytes / 4;
     std::vector<float> v(n);
@@ -330,6 +330,7 @@ void write_tensor(GgufStreamWriter& w, const Spec& s, uint64_t seed, size_t nbyt
 
 uint64_t synth_data_bytes(const SynthOptions& o) {
   validate(o);
+  if (o.format == SynthFormat::Fp8) return fp8_data_bytes(o);
   GgufStreamWriter w;
   for (const Spec& s : make_plan(o).specs) w.add_tensor(s.name, s.type, s.ne);
   return w.data_bytes();
@@ -337,6 +338,8 @@ uint64_t synth_data_bytes(const SynthOptions& o) {
 
 void synth_glm_dsa(const SynthOptions& o, const std::filesystem::path& out) {
   validate(o);
+  if (o.format == SynthFormat::Fp8) return write_fp8(o, out);
+  if (std::filesystem::is_directory(out)) fail("synth: '{}' is a directory (--format gguf writes one file)", out.string());
   Plan P = make_plan(o);
   GgufStreamWriter w;
   add_metadata(w, o);

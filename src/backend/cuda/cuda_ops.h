@@ -15,12 +15,18 @@ int device_count();
 std::string device_name(int device);
 
 // y[r, :] = w ⊙ x[r, :] / sqrt(mean(x[r, :]²) + eps) for r < rows (device pointers, float32).
-void rms_norm(const float* x, const float* w, int rows, int n, float eps, float* y);
+void rms_norm(const float* x, const float* w, int rows, int n, float eps, float* y, CUstream_st* stream = nullptr);
+// The same over strided rows: row r of x at x + r * x_stride, of y at y + r * y_stride (floats);
+// y may alias x.
+void rms_norm_strided(const float* x, int x_stride, const float* w, int rows, int n, float eps, float* y,
+                      int y_stride, CUstream_st* stream = nullptr);
 
 // Weight formats of matvec. BF16 / FP8_E4M3: row-major [out, in]; FP8 comes with float32 block
 // scales weight_scale_inv [ceil(out/128), ceil(in/128)] (W = fp8 * scale per 128x128 block).
 // Q8_0 / Q4_K / Q6_K: ggml rows (as backend quant.h decodes them), row o at o * ggml_row_size.
-enum class WeightFormat { BF16, FP8_E4M3, Q8_0, Q4_K, Q6_K };
+// F32: row-major float32 [out, in] (small or unquantized tensors, e.g. GGUF F32 or owned rows).
+// FP8 block scales are 128x128 unless matvec_fp8 names other block sizes.
+enum class WeightFormat { BF16, FP8_E4M3, Q8_0, Q4_K, Q6_K, F32 };
 const char* weight_format_name(WeightFormat f);
 // Bytes of an [out, in] weight matrix in format f (without FP8 scales).
 size_t matvec_weight_bytes(WeightFormat f, int out, int in);
@@ -32,15 +38,37 @@ size_t matvec_weight_bytes(WeightFormat f, int out, int in);
 // failed launch.
 void matvec(WeightFormat fmt, const void* w, const float* scale, int out, int in, const float* x, int B, float* y,
             CUstream_st* stream = nullptr);
+// FP8 e4m3 with scale blocks of bo x bi (weight_block_size [bo, bi]; 128x128 takes matvec's
+// fast path): scale [ceil(out/bo), ceil(in/bi)].
+void matvec_fp8(const void* w, const float* scale, int bo, int bi, int out, int in, const float* x, int B, float* y,
+                CUstream_st* stream = nullptr);
 
-// Absorbed-form MLA decode attention (spec §3 steps 5–7, §4) for T query tokens (1 <= T <= 16) of
+// Grouped (MoE) matvec: for each slot s < S, y[s, :] = W_{ids[s]} · x[s / x_div, :], where expert
+// e's weight is at w + e * w_stride bytes (FP8: its scales at scale + e * scale_stride floats,
+// blocks bo x bi). ids: device int [S], read on the device (no host sync, graph-capturable);
+// ids[s] < 0 gives y[s, :] = 0. x float32 [ceil(S / x_div), in], y float32 [S, out]. Same
+// format/alignment rules as matvec (w_stride a multiple of 16). Typical use: S = T * top_k
+// slots, x_div = top_k so slot s reads token s / top_k.
+struct ExpertWeights {
+  WeightFormat fmt;
+  const void* w;
+  size_t w_stride;         // bytes between experts
+  const float* scale = nullptr;
+  size_t scale_stride = 0;  // floats between experts' scale arrays (FP8)
+  int bo = 128, bi = 128;   // FP8 block sizes
+};
+void matvec_grouped(const ExpertWeights& ew, int out, int in, const int* ids, int S, const float* x, int x_div,
+                    float* y, CUstream_st* stream = nullptr);
+
+// Absorbed-form MLA decode attention (spec §3 steps 5–7, §4) for T >= 1 query tokens of
 // one sequence at positions pos0 + t, over the latent cache. Device pointers, float32:
 // q_lat [T, H, kv_lora] (q̃ = W_UKᵀ q_nope), q_pe [T, H, rope] (roped), latent [N, kv_lora],
 // k_pe [N, rope] (16-byte aligned), out [T, H, kv_lora]:
 //   out[t, h] = Σ_s softmax_s(scale · (q_lat[t,h]·latent[s] + q_pe[t,h]·k_pe[s])) latent[s]
 // over s = 0..pos0+t (sel == nullptr: dense causal) or over the entries >= 0 of sel[t, 0..topk)
 // (device int [T, topk], e.g. from topk_per_row; -1 = padding). A row with no key gives zeros.
-// Only kv_lora 512 / rope 64 are built. Asynchronous on `stream`; throws on bad arguments.
+// Any kv_lora <= 512 with kv_lora % 32 == 0 and rope <= 64 with rope % 8 == 0
+// (512 / 64, GLM-5.2's, is the tuned case); any T >= 1 (prefill runs it in chunks). Asynchronous on `stream`; throws on bad arguments.
 void mla_decode_attention(const float* q_lat, const float* q_pe, const float* latent, const float* k_pe, int T, int H,
                           int kv_lora, int rope, int pos0, const int* sel, int topk, float scale, float* out,
                           CUstream_st* stream = nullptr);

@@ -16,7 +16,15 @@
 //    whole 128-byte lines of x) and decodes without I2F: PRMT puts a quant byte into a float's
 //    mantissa (128 + q, or 2^23 + u for Q8_0), the lane sums (128 + q)·x and x, and applies the
 //    sub-block scale once per task (see QTask).
-//  * BF16 / FP8 rows whose length breaks 16-byte alignment take a scalar fallback kernel.
+//  * F32 takes the BF16 / FP8 kernel with 4 weights per chunk. FP8 with other scale blocks than
+//    128x128 (matvec_fp8) uses the same kernel with runtime block sizes when bi % 16 == 0.
+//  * BF16 / FP8 / F32 rows whose length breaks 16-byte alignment (or FP8 blocks with bi % 16 != 0)
+//    take a scalar fallback kernel.
+//  * Grouped (MoE) launches: blockIdx.y is the slot; each block reads its slot's expert id at the
+//    start, moves w / scale / x / y to that expert and token (enter_slot), then runs the B = 1
+//    code unchanged. The kernels take a template flag G for this, so that plain matvec code is
+//    compiled exactly as before (pointers straight from the parameter bank); only NB = 1 (and for
+//    the quant formats R = 4) is built with G.
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -101,18 +109,53 @@ __device__ __forceinline__ void finish(float (&acc)[NB], int row, int out, int k
   }
 }
 
-// ---- BF16 / FP8: 16-byte chunks straight into registers ----
+// Grouped launches: slot blockIdx.y computes y[slot, :] = W_{ids[slot]} x[slot / x_div, :] (B = 1).
+// ids == nullptr for a plain matvec (gridDim.y = 1; the kernels ignore sl unless G).
+struct Slots {
+  const int* ids;
+  size_t w_stride;  // bytes between experts
+  size_t s_stride;  // floats between experts' scales
+  int x_div;
+};
 
-template <bool FP8, int NB, int R>
+// Moves w / scale / x / y to this block's slot. Returns false for a negative expert id, after
+// zeroing the block's rows [r0, r0 + nr) of y[slot] (block-uniform: the whole block returns).
+__device__ __forceinline__ bool enter_slot(const Slots& sl, const uint8_t* __restrict__& w,
+                                           const float* __restrict__& scale, const float* __restrict__& x,
+                                           float* __restrict__& y, int out, int in, int r0, int nr) {
+  const int slot = blockIdx.y;
+  const int e = __ldg(sl.ids + slot);
+  y += size_t(slot) * out;
+  if (e < 0) {
+    for (int i = threadIdx.x; i < nr && r0 + i < out; i += kThreads) y[r0 + i] = 0.f;
+    return false;
+  }
+  w += size_t(e) * sl.w_stride;
+  if (scale != nullptr) scale += size_t(e) * sl.s_stride;
+  x += size_t(slot / sl.x_div) * in;
+  return true;
+}
+
+// ---- BF16 / FP8 / F32: 16-byte chunks straight into registers ----
+
+// FP8: 128x128 scale blocks (constant); FP8_BLOCKS: runtime bo x bi (vector kernel: bi % 16 == 0).
+enum class Dense { BF16, FP8, FP8_BLOCKS, F32 };
+constexpr bool is_fp8(Dense k) { return k == Dense::FP8 || k == Dense::FP8_BLOCKS; }
+constexpr int dense_epc(Dense k) { return is_fp8(k) ? 16 : k == Dense::BF16 ? 8 : 4; }  // weights per 16 bytes
+
+template <Dense K, int NB, int R, bool G>
 __global__ void __launch_bounds__(kThreads) matvec_dense(const uint8_t* __restrict__ w, const float* __restrict__ scale,
-                                                         int out, int in, const float* __restrict__ x, int B,
-                                                         float* __restrict__ y, int ksplit) {
+                                                         int bo, int bi, int out, int in, const float* __restrict__ x,
+                                                         int B, float* __restrict__ y, int ksplit, Slots sl) {
   // R consecutive rows per warp: each x value loaded from L1 serves R rows (x loads, not
   // weight bytes, bound the single-row version).
-  constexpr int EPC = FP8 ? 16 : 8;  // weights per 16-byte chunk
+  constexpr bool FP8 = is_fp8(K);
+  constexpr int EPC = dense_epc(K);  // weights per 16-byte chunk
   constexpr int U = R >= 4 ? 2 : kChunkUnroll;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = (blockIdx.x * (kWarps / ksplit) + warp / ksplit) * R, ks = warp % ksplit;
+  if constexpr (G)
+    if (!enter_slot(sl, w, scale, x, y, out, in, blockIdx.x * (kWarps / ksplit) * R, (kWarps / ksplit) * R)) return;
   float acc[R][NB];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -122,14 +165,17 @@ __global__ void __launch_bounds__(kThreads) matvec_dense(const uint8_t* __restri
     const int nchunk = in / EPC;
     const int per = (nchunk + ksplit - 1) / ksplit;
     const int c0 = ks * per, c1 = min(nchunk, c0 + per);
-    const size_t row_bytes = size_t(in) * (FP8 ? 1 : 2);
+    const size_t row_bytes = size_t(in) * (16 / EPC);
+    const int cpb = K == Dense::FP8_BLOCKS ? bi / EPC : 128 / EPC;  // chunks per scale block
     const uint4* wr[R];
     const float* srow[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int row = min(row0 + r, out - 1);  // rows past the end re-read the last row, unused
       wr[r] = reinterpret_cast<const uint4*>(w + size_t(row) * row_bytes);
-      srow[r] = FP8 ? scale + size_t(row / 128) * ((in + 127) / 128) : nullptr;
+      if constexpr (K == Dense::FP8) srow[r] = scale + size_t(row / 128) * ((in + 127) / 128);
+      else if constexpr (K == Dense::FP8_BLOCKS) srow[r] = scale + size_t(row / bo) * ((in + bi - 1) / bi);
+      else srow[r] = nullptr;
     }
     for (int c = c0; c < c1; c += 32 * U) {
       uint4 v[R][U];
@@ -148,16 +194,21 @@ __global__ void __launch_bounds__(kThreads) matvec_dense(const uint8_t* __restri
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           const uint32_t q[4] = {v[r][u].x, v[r][u].y, v[r][u].z, v[r][u].w};
-          const float sc = FP8 ? __ldg(srow[r] + (ci * EPC) / 128) : 1.f;
+          const float sc = K == Dense::FP8 ? __ldg(srow[r] + (ci * EPC) / 128)
+                           : K == Dense::FP8_BLOCKS ? __ldg(srow[r] + ci / cpb)
+                                                    : 1.f;
           if constexpr (FP8) {
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               float2 a = fp8x2_to_float2(uint16_t(q[k] & 0xffff)), b2 = fp8x2_to_float2(uint16_t(q[k] >> 16));
               f[r][4 * k] = a.x * sc, f[r][4 * k + 1] = a.y * sc, f[r][4 * k + 2] = b2.x * sc, f[r][4 * k + 3] = b2.y * sc;
             }
-          } else {
+          } else if constexpr (K == Dense::BF16) {
 #pragma unroll
             for (int k = 0; k < 4; ++k) f[r][2 * k] = bf16_lo(q[k]), f[r][2 * k + 1] = bf16_hi(q[k]);
+          } else {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) f[r][k] = __uint_as_float(q[k]);
           }
         }
 #pragma unroll
@@ -184,26 +235,32 @@ __global__ void __launch_bounds__(kThreads) matvec_dense(const uint8_t* __restri
   for (int r = 0; r < R; ++r) finish<NB>(acc[r], row0 + r, out, ks, ksplit, B, y);
 }
 
-// Scalar fallback for BF16 / FP8 rows that are not 16-byte aligned (any in).
-template <bool FP8, int NB>
+// Scalar fallback for BF16 / FP8 / F32 rows that are not 16-byte aligned (any in), and FP8 scale
+// blocks with bi % 16 != 0. K is BF16, FP8_BLOCKS (any bo x bi, 128x128 included) or F32.
+template <Dense K, int NB, bool G>
 __global__ void __launch_bounds__(kThreads) matvec_dense_scalar(const uint8_t* __restrict__ w,
-                                                                const float* __restrict__ scale, int out, int in,
-                                                                const float* __restrict__ x, int B,
-                                                                float* __restrict__ y) {
+                                                                const float* __restrict__ scale, int bo, int bi,
+                                                                int out, int in, const float* __restrict__ x, int B,
+                                                                float* __restrict__ y, Slots sl) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row = blockIdx.x * kWarps + warp;
+  if constexpr (G)
+    if (!enter_slot(sl, w, scale, x, y, out, in, blockIdx.x * kWarps, kWarps)) return;
   float acc[NB];
 #pragma unroll
   for (int b = 0; b < NB; ++b) acc[b] = 0.f;
   if (row < out) {
-    const int sb = (in + 127) / 128;
+    const int sb = (in + bi - 1) / bi;
+    const float* srow = is_fp8(K) ? scale + size_t(row / bo) * sb : nullptr;
     for (int i = lane; i < in; i += 32) {
       float wv;
-      if constexpr (FP8) {
+      if constexpr (is_fp8(K)) {
         __half_raw h = __nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(w[size_t(row) * in + i]), __NV_E4M3);
-        wv = __half2float(__half(h)) * scale[size_t(row / 128) * sb + i / 128];
-      } else {
+        wv = __half2float(__half(h)) * srow[i / bi];
+      } else if constexpr (K == Dense::BF16) {
         wv = bf16_lo(reinterpret_cast<const uint16_t*>(w)[size_t(row) * in + i]);
+      } else {
+        wv = reinterpret_cast<const float*>(w)[size_t(row) * in + i];
       }
 #pragma unroll
       for (int b = 0; b < NB; ++b) acc[b] = fmaf(wv, x[size_t(b < B ? b : B - 1) * in + i], acc[b]);
@@ -274,10 +331,10 @@ struct QTask<WeightFormat::Q6_K> {
   static constexpr int LANES = 8;
 };
 
-template <WeightFormat F, int NB, int R>
+template <WeightFormat F, int NB, int R, bool G>
 __global__ void __launch_bounds__(kThreads) matvec_quant(const uint8_t* __restrict__ w, int out, int in,
                                                          const float* __restrict__ x, int B,
-                                                         float* __restrict__ y, int ksplit) {
+                                                         float* __restrict__ y, int ksplit, Slots sl) {
   using T = QTraits<F>;
   constexpr int GR = T::G / R;                                // blocks per row and step
   constexpr int STAGE = (GR * T::BS + 32 + 15) / 16 * 16;     // bytes, + misalignment + lds8_a2 overread
@@ -289,6 +346,10 @@ __global__ void __launch_bounds__(kThreads) matvec_quant(const uint8_t* __restri
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = (blockIdx.x * (kWarps / ksplit) + warp / ksplit) * R, ks = warp % ksplit;
   const int li = lane % LANES_PER_BLOCK;  // the lane's task inside a block (fixed)
+  if constexpr (G) {
+    const float* __restrict__ no_scale = nullptr;
+    if (!enter_slot(sl, w, no_scale, x, y, out, in, blockIdx.x * (kWarps / ksplit) * R, (kWarps / ksplit) * R)) return;
+  }
   float acc[R][NB];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -475,10 +536,11 @@ int sm_count() {
 }
 
 // Warps per row: enough warps in all to fill the GPU, while each keeps >= min_units of work.
-int choose_ksplit(int out, int units_per_row, int min_units) {
+// `rows` counts the rows of all slots of a grouped launch.
+int choose_ksplit(long rows, int units_per_row, int min_units) {
   const long target = long(sm_count()) * 48;
   int k = 1;
-  while (k < kWarps && long(out) * k < target && units_per_row / (2 * k) >= min_units) k *= 2;
+  while (k < kWarps && rows * k < target && units_per_row / (2 * k) >= min_units) k *= 2;
   return k;
 }
 
@@ -493,56 +555,134 @@ int quant_rows_b12() {
   return r;
 }
 
-template <WeightFormat F, int NB, int R>
-void launch_quant_r(const uint8_t* w, int out, int in, const float* x, int B, float* y, cudaStream_t s) {
-  const int rows = (out + R - 1) / R;
-  const int k = choose_ksplit(rows, in / QTraits<F>::QK, F == WeightFormat::Q8_0 ? 64 : 16);
-  const dim3 g(unsigned((rows + kWarps / k - 1) / (kWarps / k)));
-  matvec_quant<F, NB, R><<<g, kThreads, 0, s>>>(w, out, in, x, B, y, k);
+// One launch: a plain matvec (S = 1, sl.ids == nullptr) or a grouped one (S slots, B = 1).
+struct Problem {
+  WeightFormat fmt;
+  const uint8_t* w;
+  const float* scale;
+  int bo, bi;  // FP8 scale blocks
+  int out, in;
+  const float* x;
+  int B;
+  float* y;
+  Slots sl;
+  int S;
+};
+
+template <WeightFormat F, int NB, int R, bool G>
+void launch_quant_r(const Problem& p, cudaStream_t s) {
+  const int rows = (p.out + R - 1) / R;
+  const int k = choose_ksplit(long(rows) * p.S, p.in / QTraits<F>::QK, F == WeightFormat::Q8_0 ? 64 : 16);
+  const dim3 g(unsigned((rows + kWarps / k - 1) / (kWarps / k)), unsigned(p.S));
+  matvec_quant<F, NB, R, G><<<g, kThreads, 0, s>>>(p.w, p.out, p.in, p.x, p.B, p.y, k, p.sl);
 }
 
 template <WeightFormat F, int NB>
-void launch_quant(const uint8_t* w, int out, int in, const float* x, int B, float* y, cudaStream_t s) {
+void launch_quant(const Problem& p, cudaStream_t s) {
+  if constexpr (NB == 1) {
+    if (p.sl.ids != nullptr) return launch_quant_r<F, 1, 4, true>(p, s);  // grouped: the default R
+  }
   if constexpr (NB <= 2) {
     const int r = quant_rows_b12();
-    if (r == 1) launch_quant_r<F, NB, 1>(w, out, in, x, B, y, s);
-    else if (r == 2) launch_quant_r<F, NB, 2>(w, out, in, x, B, y, s);
-    else launch_quant_r<F, NB, 4>(w, out, in, x, B, y, s);
+    if (r == 1) launch_quant_r<F, NB, 1, false>(p, s);
+    else if (r == 2) launch_quant_r<F, NB, 2, false>(p, s);
+    else launch_quant_r<F, NB, 4, false>(p, s);
   } else {
-    launch_quant_r<F, NB, 2>(w, out, in, x, B, y, s);
+    launch_quant_r<F, NB, 2, false>(p, s);
+  }
+}
+
+template <Dense K, int NB, bool G>
+void launch_dense(const Problem& p, cudaStream_t s) {
+  constexpr int R = NB <= 2 ? 4 : 2;
+  const int rows = (p.out + R - 1) / R;
+  const int k = choose_ksplit(long(rows) * p.S, p.in / dense_epc(K), 64);
+  const dim3 g(unsigned((rows + kWarps / k - 1) / (kWarps / k)), unsigned(p.S));
+  matvec_dense<K, NB, R, G><<<g, kThreads, 0, s>>>(p.w, p.scale, p.bo, p.bi, p.out, p.in, p.x, p.B, p.y, k, p.sl);
+}
+
+template <Dense K, int NB, bool G>
+void launch_dense_scalar(const Problem& p, cudaStream_t s) {
+  const dim3 g(unsigned((p.out + kWarps - 1) / kWarps), unsigned(p.S));
+  matvec_dense_scalar<K, NB, G><<<g, kThreads, 0, s>>>(p.w, p.scale, p.bo, p.bi, p.out, p.in, p.x, p.B, p.y, p.sl);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <int NB, bool G>
+void launch_dense_kind(Dense k, bool vec, const Problem& p, cudaStream_t s) {
+  if (!vec) {
+    if (is_fp8(k)) launch_dense_scalar<Dense::FP8_BLOCKS, NB, G>(p, s);
+    else if (k == Dense::BF16) launch_dense_scalar<Dense::BF16, NB, G>(p, s);
+    else launch_dense_scalar<Dense::F32, NB, G>(p, s);
+    return;
+  }
+  switch (k) {
+    case Dense::BF16: launch_dense<Dense::BF16, NB, G>(p, s); break;
+    case Dense::FP8: launch_dense<Dense::FP8, NB, G>(p, s); break;
+    case Dense::FP8_BLOCKS: launch_dense<Dense::FP8_BLOCKS, NB, G>(p, s); break;
+    case Dense::F32: launch_dense<Dense::F32, NB, G>(p, s); break;
   }
 }
 
 template <int NB>
-void launch(WeightFormat fmt, const void* w, const float* scale, int out, int in, const float* x, int B, float* y,
-            cudaStream_t s) {
-  const auto* wb = static_cast<const uint8_t*>(w);
-  switch (fmt) {
+void launch(const Problem& p, cudaStream_t s) {
+  switch (p.fmt) {
     case WeightFormat::BF16:
-    case WeightFormat::FP8_E4M3: {
-      const bool fp8 = fmt == WeightFormat::FP8_E4M3;
-      const int epc = fp8 ? 16 : 8;
-      const bool vec = in % epc == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(x) % 16 == 0;
-      if (!vec) {
-        dim3 g(unsigned((out + kWarps - 1) / kWarps));
-        if (fp8) matvec_dense_scalar<true, NB><<<g, kThreads, 0, s>>>(wb, scale, out, in, x, B, y);
-        else matvec_dense_scalar<false, NB><<<g, kThreads, 0, s>>>(wb, scale, out, in, x, B, y);
-        break;
+    case WeightFormat::FP8_E4M3:
+    case WeightFormat::F32: {
+      const bool fp8 = p.fmt == WeightFormat::FP8_E4M3;
+      const Dense k = !fp8 ? (p.fmt == WeightFormat::BF16 ? Dense::BF16 : Dense::F32)
+                      : p.bo == 128 && p.bi == 128 ? Dense::FP8
+                                                   : Dense::FP8_BLOCKS;
+      const bool vec = p.in % dense_epc(k) == 0 && (k != Dense::FP8_BLOCKS || p.bi % 16 == 0) && aligned16(p.w) &&
+                       aligned16(p.x) && (p.sl.ids == nullptr || p.sl.w_stride % 16 == 0);
+      if constexpr (NB == 1) {
+        if (p.sl.ids != nullptr) {
+          launch_dense_kind<1, true>(k, vec, p, s);
+          break;
+        }
       }
-      constexpr int R = NB <= 2 ? 4 : 2;
-      const int rows = (out + R - 1) / R;
-      const int k = choose_ksplit(rows, in / epc, 64);
-      const dim3 g(unsigned((rows + kWarps / k - 1) / (kWarps / k)));
-      if (fp8) matvec_dense<true, NB, R><<<g, kThreads, 0, s>>>(wb, scale, out, in, x, B, y, k);
-      else matvec_dense<false, NB, R><<<g, kThreads, 0, s>>>(wb, scale, out, in, x, B, y, k);
+      launch_dense_kind<NB, false>(k, vec, p, s);
       break;
     }
-    case WeightFormat::Q8_0: launch_quant<WeightFormat::Q8_0, NB>(wb, out, in, x, B, y, s); break;
-    case WeightFormat::Q4_K: launch_quant<WeightFormat::Q4_K, NB>(wb, out, in, x, B, y, s); break;
-    case WeightFormat::Q6_K: launch_quant<WeightFormat::Q6_K, NB>(wb, out, in, x, B, y, s); break;
+    case WeightFormat::Q8_0: launch_quant<WeightFormat::Q8_0, NB>(p, s); break;
+    case WeightFormat::Q4_K: launch_quant<WeightFormat::Q4_K, NB>(p, s); break;
+    case WeightFormat::Q6_K: launch_quant<WeightFormat::Q6_K, NB>(p, s); break;
   }
   check(cudaGetLastError(), "matvec launch");
+}
+
+void launch_batch(const Problem& p, cudaStream_t s) {
+  if (p.B == 1) launch<1>(p, s);
+  else if (p.B == 2) launch<2>(p, s);
+  else if (p.B <= 4) launch<4>(p, s);
+  else if (p.B <= 8) launch<8>(p, s);
+  else launch<16>(p, s);
+}
+
+bool is_quant(WeightFormat f) { return f == WeightFormat::Q8_0 || f == WeightFormat::Q4_K || f == WeightFormat::Q6_K; }
+
+// Checks shared by matvec, matvec_fp8 and matvec_grouped (fn names the caller in messages).
+void check_args(const char* fn, WeightFormat fmt, const void* w, const float* scale, int bo, int bi, int out, int in,
+                const float* x) {
+  BIGMOE_CHECK(int(fmt) >= int(WeightFormat::BF16) && int(fmt) <= int(WeightFormat::F32), "{}: unknown weight format {}",
+               fn, int(fmt));
+  BIGMOE_CHECK(out > 0 && in > 0, "{}: bad shape [{} x {}]", fn, out, in);
+  if (fmt == WeightFormat::FP8_E4M3) {
+    BIGMOE_CHECK(scale != nullptr, "{}: FP8 needs weight_scale_inv", fn);
+    BIGMOE_CHECK(bo > 0 && bi > 0, "{}: bad FP8 scale block [{} x {}]", fn, bo, bi);
+  }
+  if (is_quant(fmt)) {
+    const int qk = fmt == WeightFormat::Q8_0 ? 32 : 256;
+    BIGMOE_CHECK(in % qk == 0, "{}: {} needs in % {} == 0, got {}", fn, weight_format_name(fmt), qk, in);
+    BIGMOE_CHECK(aligned16(w) && aligned16(x), "{}: {} needs 16-byte aligned w and x", fn, weight_format_name(fmt));
+  }
+  if (fmt == WeightFormat::BF16 || fmt == WeightFormat::F32) {
+    const size_t a = fmt == WeightFormat::BF16 ? 2 : 4;
+    BIGMOE_CHECK(reinterpret_cast<uintptr_t>(w) % a == 0, "{}: {} needs {}-byte aligned w", fn,
+                 weight_format_name(fmt), a);
+  }
 }
 
 }  // namespace
@@ -554,6 +694,7 @@ const char* weight_format_name(WeightFormat f) {
     case WeightFormat::Q8_0: return "Q8_0";
     case WeightFormat::Q4_K: return "Q4_K";
     case WeightFormat::Q6_K: return "Q6_K";
+    case WeightFormat::F32: return "F32";
   }
   return "?";
 }
@@ -565,26 +706,42 @@ size_t matvec_weight_bytes(WeightFormat f, int out, int in) {
     case WeightFormat::Q8_0: return size_t(out) * (in / 32) * 34;
     case WeightFormat::Q4_K: return size_t(out) * (in / 256) * 144;
     case WeightFormat::Q6_K: return size_t(out) * (in / 256) * 210;
+    case WeightFormat::F32: return size_t(out) * in * 4;
   }
   return 0;
 }
 
 void matvec(WeightFormat fmt, const void* w, const float* scale, int out, int in, const float* x, int B, float* y,
             CUstream_st* stream) {
-  BIGMOE_CHECK(out > 0 && in > 0, "matvec: bad shape [{} x {}]", out, in);
+  check_args("matvec", fmt, w, scale, 128, 128, out, in, x);
   BIGMOE_CHECK(B >= 1 && B <= 16, "matvec: batch {} outside 1..16", B);
-  BIGMOE_CHECK(fmt != WeightFormat::FP8_E4M3 || scale != nullptr, "matvec: FP8 needs weight_scale_inv");
-  if (fmt == WeightFormat::Q8_0 || fmt == WeightFormat::Q4_K || fmt == WeightFormat::Q6_K) {
-    const int qk = fmt == WeightFormat::Q8_0 ? 32 : 256;
-    BIGMOE_CHECK(in % qk == 0, "matvec: {} needs in % {} == 0, got {}", weight_format_name(fmt), qk, in);
-    BIGMOE_CHECK(reinterpret_cast<uintptr_t>(w) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0,
-                 "matvec: {} needs 16-byte aligned w and x", weight_format_name(fmt));
-  }
-  if (B == 1) launch<1>(fmt, w, scale, out, in, x, B, y, stream);
-  else if (B == 2) launch<2>(fmt, w, scale, out, in, x, B, y, stream);
-  else if (B <= 4) launch<4>(fmt, w, scale, out, in, x, B, y, stream);
-  else if (B <= 8) launch<8>(fmt, w, scale, out, in, x, B, y, stream);
-  else launch<16>(fmt, w, scale, out, in, x, B, y, stream);
+  launch_batch({fmt, static_cast<const uint8_t*>(w), scale, 128, 128, out, in, x, B, y, Slots{nullptr, 0, 0, 1}, 1},
+               stream);
+}
+
+void matvec_fp8(const void* w, const float* scale, int bo, int bi, int out, int in, const float* x, int B, float* y,
+                CUstream_st* stream) {
+  check_args("matvec_fp8", WeightFormat::FP8_E4M3, w, scale, bo, bi, out, in, x);
+  BIGMOE_CHECK(B >= 1 && B <= 16, "matvec_fp8: batch {} outside 1..16", B);
+  launch_batch({WeightFormat::FP8_E4M3, static_cast<const uint8_t*>(w), scale, bo, bi, out, in, x, B, y,
+                Slots{nullptr, 0, 0, 1}, 1},
+               stream);
+}
+
+void matvec_grouped(const ExpertWeights& ew, int out, int in, const int* ids, int S, const float* x, int x_div,
+                    float* y, CUstream_st* stream) {
+  check_args("matvec_grouped", ew.fmt, ew.w, ew.scale, ew.bo, ew.bi, out, in, x);
+  BIGMOE_CHECK(ids != nullptr, "matvec_grouped: ids is null");
+  BIGMOE_CHECK(S >= 1 && S <= 65535, "matvec_grouped: slot count {} outside 1..65535", S);
+  BIGMOE_CHECK(x_div >= 1, "matvec_grouped: x_div {} < 1", x_div);
+  // Quant formats need every expert 16-byte aligned; BF16 / F32 need whole elements (an expert
+  // stride that is not a multiple of 16 takes the scalar kernel).
+  const size_t align = is_quant(ew.fmt) ? 16 : ew.fmt == WeightFormat::BF16 ? 2 : ew.fmt == WeightFormat::F32 ? 4 : 1;
+  BIGMOE_CHECK(ew.w_stride % align == 0, "matvec_grouped: {} needs w_stride % {} == 0, got {}",
+               weight_format_name(ew.fmt), align, ew.w_stride);
+  launch_batch({ew.fmt, static_cast<const uint8_t*>(ew.w), ew.scale, ew.bo, ew.bi, out, in, x, 1, y,
+                Slots{ids, ew.w_stride, ew.scale_stride, x_div}, S},
+               stream);
 }
 
 }  // namespace bigmoe::cuda

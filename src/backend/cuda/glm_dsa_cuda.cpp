@@ -1,0 +1,876 @@
+// GlmDsaCuda: upload of a GlmDsaModel's weights and the forward pass on the device. The order
+// of operations follows GlmDsaModel::forward / attention / ffn (src/model/glm_dsa.cpp) so the
+// two read side by side; the comments name where the GPU differs in form (never in math).
+#include "backend/cuda/glm_dsa_cuda.h"
+
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <map>
+
+#include "backend/cuda/decode_ops.h"
+#include "backend/cuda/model_ops.h"
+#include "tensor/dtype.h"
+#include "tensor/quant.h"
+#include "util/error.h"
+
+namespace bigmoe::cuda {
+
+namespace {
+
+constexpr int kDecodeRows = 16;  // matvec's largest batch; more rows take the GEMM path
+
+size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+// One weight matrix on the device in a matvec format.
+struct DevLinear {
+  WeightFormat fmt = WeightFormat::F32;
+  const void* w = nullptr;
+  const float* scale = nullptr;
+  int bo = 128, bi = 128;
+  int out = 0, in = 0;
+  size_t bytes = 0;  // weight + scale bytes (what one pass reads)
+  bool present() const { return w != nullptr; }
+};
+
+// E experts of one projection, at a uniform stride.
+struct DevExperts {
+  ExpertWeights ew{};
+  int out = 0, in = 0, n = 0;
+  size_t bytes_per_expert = 0;
+};
+
+struct DevBlock {
+  const float* input_norm = nullptr;
+  const float* post_norm = nullptr;
+  DevLinear q_proj, q_a, q_b, kv_a, o;
+  const float* q_a_norm = nullptr;
+  const float* kv_a_norm = nullptr;
+  const void* wuk_t = nullptr;  // [H, kv_lora, nope]: q̃_h = W_UK_hᵀ q_nope_h
+  const void* wuv = nullptr;    // [H, v, kv_lora]:   o_h = W_UV_h ō_h
+  WeightFormat kvb_fmt = WeightFormat::F32;
+  size_t kvb_bytes = 0;
+  bool indexer_full = false;
+  DevLinear idx_wq_b, idx_wk, idx_weights_proj;
+  const float* idx_k_norm_w = nullptr;
+  const float* idx_k_norm_b = nullptr;
+  bool moe = false;
+  DevLinear gate, up, down, router;
+  const float* correction_bias = nullptr;
+  DevExperts exp_gate, exp_up, exp_down;
+  DevLinear sh_gate, sh_up, sh_down;
+};
+
+// Per-sequence, per-layer cache: what the absorbed attention and the indexer read.
+struct DevLayerCache {
+  float* latent = nullptr;  // [max_context, kv_lora]
+  float* k_pe = nullptr;    // [max_context, rope]
+  float* idx_k = nullptr;   // [max_context, Di] (indexer "full" layers)
+};
+
+}  // namespace
+
+struct GlmDsaCuda::Impl {
+  const GlmDsaModel& model;
+  const ModelConfig& c;
+  GlmDsaCudaOptions opt;
+  cudaStream_t stream = nullptr;
+  std::vector<void*> allocations;
+  size_t resident = 0;
+
+  std::vector<DevBlock> blocks;
+  const float* final_norm = nullptr;
+  DevLinear lm_head;
+  const float *rope_freq = nullptr, *idx_rope_freq = nullptr;
+
+  // Caches: [sequence][layer]
+  std::vector<std::vector<DevLayerCache>> caches;
+  std::vector<bool> seq_used;
+
+  // Activations and scratch, sized for opt.max_rows rows.
+  float *x = nullptr, *h = nullptr, *y = nullptr, *cq = nullptr, *q = nullptr, *kv = nullptr, *qpe = nullptr;
+  float *qt = nullptr, *lat_o = nullptr, *o = nullptr, *qi = nullptr, *wts = nullptr, *scores = nullptr;
+  float *ffn_g = nullptr, *ffn_u = nullptr, *ye = nullptr, *ys = nullptr, *logits = nullptr, *route_w = nullptr;
+  float *xe = nullptr, *ge = nullptr, *ue = nullptr, *yexp = nullptr;
+  float* kbuf = nullptr;
+  int* pos_dev = nullptr;
+  int* pos_host = nullptr;
+  int *sel = nullptr, *ids = nullptr, *slot_rows = nullptr, *slot_tokens = nullptr;
+  void* topk_ws = nullptr;
+  size_t topk_ws_bytes = 0;
+  void* dq = nullptr;  // BF16 dequantized weight for the prefill GEMM
+  size_t dq_bytes = 0;
+  float* host_x = nullptr;  // pinned staging of embeddings
+  float* host_logits = nullptr;
+  size_t logits_rows = 0;
+  int score_cols = 0;
+
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+  };
+  std::map<std::string, Graph> graphs;  // captured decode steps
+  std::vector<cudaEvent_t> events;      // profiling
+
+  Impl(const GlmDsaModel& m, const GlmDsaCudaOptions& o) : model(m), c(m.config()), opt(o) {}
+  void enqueue_layers(const std::vector<CudaSequence*>& seqs, const std::vector<int>& rows0,
+                      const std::vector<int>& nrows, int R, bool dev, int ncap, bool last_only,
+                      std::vector<float>* prof);
+  void finish_profile(std::vector<float>& ms);
+  ~Impl() {
+    for (void* p : allocations) cudaFree(p);
+    if (host_x) cudaFreeHost(host_x);
+    if (host_logits) cudaFreeHost(host_logits);
+    if (pos_host) cudaFreeHost(pos_host);
+    for (auto& g : graphs)
+      if (g.second.exec) cudaGraphExecDestroy(g.second.exec);
+    for (auto& e : events) cudaEventDestroy(e);
+    if (stream) cudaStreamDestroy(stream);
+  }
+
+  template <typename T = void>
+  T* alloc(size_t bytes, const std::string& what) {
+    void* p = nullptr;
+    bytes = std::max<size_t>(bytes, 16);
+    cudaError_t e = cudaMalloc(&p, bytes);
+    if (e != cudaSuccess) {
+      size_t fr = 0, tot = 0;
+      cudaMemGetInfo(&fr, &tot);
+      fail("CUDA: cannot allocate {:.1f} MiB for {} ({} MiB free of {} MiB, {:.1f} MiB already placed): {}",
+           bytes / 1048576.0, what, fr >> 20, tot >> 20, resident / 1048576.0, cudaGetErrorString(e));
+    }
+    allocations.push_back(p);
+    resident += bytes;
+    return static_cast<T*>(p);
+  }
+
+  template <typename T>
+  T* upload(const T* src, size_t n, const std::string& what) {
+    T* d = alloc<T>(n * sizeof(T), what);
+    check(cudaMemcpy(d, src, n * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy (weights)");
+    return d;
+  }
+  const float* upload_vec(const std::vector<float>& v, const std::string& what) {
+    return v.empty() ? nullptr : upload(v.data(), v.size(), what);
+  }
+
+  // ---- weight placement ----
+
+  // The device format a host Linear is placed in: its own bytes when a matvec kernel reads
+  // them (BF16, FP8 + block scales, GGUF Q8_0 / Q4_K / Q6_K / F32 / BF16), else float32 rows
+  // decoded exactly (F16, other ggml types, owned rows).
+  static WeightFormat placed_format(const Linear& l) {
+    if (l.g) {
+      switch (l.g->type) {
+        case GgmlType::Q8_0: return l.in % 32 == 0 ? WeightFormat::Q8_0 : WeightFormat::F32;
+        case GgmlType::Q4_K: return l.in % 256 == 0 ? WeightFormat::Q4_K : WeightFormat::F32;
+        case GgmlType::Q6_K: return l.in % 256 == 0 ? WeightFormat::Q6_K : WeightFormat::F32;
+        case GgmlType::BF16: return WeightFormat::BF16;
+        default: return WeightFormat::F32;
+      }
+    }
+    if (l.w) {
+      if (l.w->dtype == DType::BF16) return WeightFormat::BF16;
+      if (l.w->dtype == DType::F8_E4M3 && l.scale) return WeightFormat::FP8_E4M3;
+    }
+    return WeightFormat::F32;
+  }
+
+  // Bytes of one matrix in its placed format (rows contiguous).
+  static size_t placed_bytes(const Linear& l, WeightFormat f) {
+    if (l.g && f != WeightFormat::F32) return size_t(l.out) * l.row_bytes;
+    switch (f) {
+      case WeightFormat::BF16: return size_t(l.out) * l.in * 2;
+      case WeightFormat::FP8_E4M3: return size_t(l.out) * l.in;
+      default: return size_t(l.out) * l.in * 4;
+    }
+  }
+
+  // Writes the placed bytes of l to dst (host) and its FP8 scales to sdst (float32).
+  static void placed_data(const Linear& l, WeightFormat f, uint8_t* dst, float* sdst) {
+    if (l.g && f != WeightFormat::F32) {
+      std::memcpy(dst, l.g->data + l.g_offset, size_t(l.out) * l.row_bytes);
+      return;
+    }
+    if (f == WeightFormat::BF16 || f == WeightFormat::FP8_E4M3) {
+      std::memcpy(dst, l.w->data, l.w->nbytes);
+      if (f == WeightFormat::FP8_E4M3) to_f32(l.scale->dtype, l.scale->data, sdst, size_t(l.scale->numel()));
+      return;
+    }
+    float* fd = reinterpret_cast<float*>(dst);
+#pragma omp parallel for schedule(static)
+    for (int o = 0; o < l.out; ++o) l.row(o, fd + size_t(o) * l.in);
+  }
+
+  static size_t scale_count(const Linear& l) { return l.scale ? size_t(l.scale->numel()) : 0; }
+
+  DevLinear place(const Linear& l, const std::string& what) {
+    DevLinear d;
+    if (!l.present()) return d;
+    d.fmt = placed_format(l);
+    d.out = l.out;
+    d.in = l.in;
+    size_t wb = placed_bytes(l, d.fmt), sc = d.fmt == WeightFormat::FP8_E4M3 ? scale_count(l) : 0;
+    std::vector<uint8_t> host(wb);
+    std::vector<float> shost(sc);
+    placed_data(l, d.fmt, host.data(), shost.data());
+    d.w = upload(host.data(), wb, what);
+    if (sc) {
+      d.scale = upload(shost.data(), sc, what + " scales");
+      d.bo = l.bo;
+      d.bi = l.bi;
+    }
+    d.bytes = wb + sc * 4;
+    return d;
+  }
+
+  // All experts of one projection in one allocation, expert e at e * stride.
+  DevExperts place_experts(const std::vector<Linear>& ls, const std::string& what) {
+    DevExperts d;
+    if (ls.empty()) return d;
+    const Linear& l0 = ls[0];
+    WeightFormat f = placed_format(l0);
+    for (const Linear& l : ls)
+      if (placed_format(l) != f || l.out != l0.out || l.in != l0.in)
+        fail("{}: experts differ in format or shape; the grouped kernel needs them uniform", what);
+    size_t wb = placed_bytes(l0, f), stride = align_up(wb, 256), sc = f == WeightFormat::FP8_E4M3 ? scale_count(l0) : 0;
+    const size_t E = ls.size();
+    uint8_t* dw = alloc<uint8_t>(stride * E, what);
+    float* ds = sc ? alloc<float>(sc * E * 4, what + " scales") : nullptr;
+    std::vector<uint8_t> host(wb);
+    std::vector<float> shost(sc);
+    for (size_t e = 0; e < E; ++e) {
+      placed_data(ls[e], f, host.data(), shost.data());
+      check(cudaMemcpy(dw + e * stride, host.data(), wb, cudaMemcpyHostToDevice), "cudaMemcpy (experts)");
+      if (sc) check(cudaMemcpy(ds + e * sc, shost.data(), sc * 4, cudaMemcpyHostToDevice), "cudaMemcpy (scales)");
+    }
+    d.ew.fmt = f;
+    d.ew.w = dw;
+    d.ew.w_stride = stride;
+    d.ew.scale = ds;
+    d.ew.scale_stride = sc;
+    d.ew.bo = l0.bo ? l0.bo : 128;
+    d.ew.bi = l0.bi ? l0.bi : 128;
+    d.out = l0.out;
+    d.in = l0.in;
+    d.n = int(E);
+    d.bytes_per_expert = wb + sc * 4;
+    return d;
+  }
+
+  // kv_b split per head into the two absorbed-MLA matrices: W_UKᵀ [H, kv_lora, nope] and W_UV
+  // [H, v, kv_lora], in BF16 (exact for BF16 checkpoints; for FP8 / quantized kv_b a rounding of
+  // 2^-9 relative) unless opt.exact_absorb keeps them float32 when BF16 would round them.
+  void place_kv_b(const Linear& kvb, DevBlock& b, const std::string& what) {
+    const int H = c.num_attention_heads, kvr = c.kv_lora_rank, nope = c.qk_nope_head_dim, vd = c.v_head_dim;
+    std::vector<float> uk(size_t(H) * kvr * nope), uv(size_t(H) * vd * kvr), row(kvr);
+    for (int hh = 0; hh < H; ++hh) {
+      for (int i = 0; i < nope; ++i) {
+        kvb.row(hh * (nope + vd) + i, row.data());
+        for (int k = 0; k < kvr; ++k) uk[(size_t(hh) * kvr + k) * nope + i] = row[k];
+      }
+      for (int j = 0; j < vd; ++j) kvb.row(hh * (nope + vd) + nope + j, &uv[(size_t(hh) * vd + j) * kvr]);
+    }
+    auto exact = [](const std::vector<float>& v) {
+      for (float f : v) {
+        uint32_t u;
+        std::memcpy(&u, &f, 4);
+        if (u & 0xffffu) return false;
+      }
+      return true;
+    };
+    const bool bf16 = !opt.exact_absorb || (exact(uk) && exact(uv));
+    b.kvb_fmt = bf16 ? WeightFormat::BF16 : WeightFormat::F32;
+    if (bf16) {
+      auto to_bf16 = [](const std::vector<float>& v) {
+        std::vector<uint16_t> r(v.size());
+        for (size_t i = 0; i < v.size(); ++i) {
+          uint32_t u;
+          std::memcpy(&u, &v[i], 4);
+          r[i] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
+        }
+        return r;
+      };
+      auto a = to_bf16(uk), v = to_bf16(uv);
+      b.wuk_t = upload(a.data(), a.size(), what + " W_UK");
+      b.wuv = upload(v.data(), v.size(), what + " W_UV");
+      b.kvb_bytes = (a.size() + v.size()) * 2;
+    } else {
+      b.wuk_t = upload(uk.data(), uk.size(), what + " W_UK");
+      b.wuv = upload(uv.data(), uv.size(), what + " W_UV");
+      b.kvb_bytes = (uk.size() + uv.size()) * 4;
+    }
+  }
+
+  DevBlock place_block(const BlockWeights& w, const std::string& p) {
+    DevBlock b;
+    b.input_norm = upload_vec(w.input_norm, p + "input_norm");
+    b.post_norm = upload_vec(w.post_norm, p + "post_norm");
+    const MlaWeights& a = w.attn;
+    b.q_proj = place(a.q_proj, p + "q_proj");
+    b.q_a = place(a.q_a, p + "q_a");
+    b.q_a_norm = upload_vec(a.q_a_norm, p + "q_a_norm");
+    b.q_b = place(a.q_b, p + "q_b");
+    b.kv_a = place(a.kv_a, p + "kv_a");
+    b.kv_a_norm = upload_vec(a.kv_a_norm, p + "kv_a_norm");
+    place_kv_b(a.kv_b, b, p + "kv_b");
+    b.o = place(a.o, p + "o_proj");
+    b.indexer_full = w.indexer_full;
+    if (w.indexer_full) {
+      b.idx_wq_b = place(a.idx_wq_b, p + "indexer.wq_b");
+      b.idx_wk = place(a.idx_wk, p + "indexer.wk");
+      b.idx_k_norm_w = upload_vec(a.idx_k_norm_w, p + "indexer.k_norm");
+      b.idx_k_norm_b = upload_vec(a.idx_k_norm_b, p + "indexer.k_norm bias");
+      b.idx_weights_proj = place(a.idx_weights_proj, p + "indexer.weights_proj");
+    }
+    const FfnWeights& f = w.ffn;
+    b.moe = f.moe;
+    if (!f.moe) {
+      b.gate = place(f.gate, p + "mlp.gate_proj");
+      b.up = place(f.up, p + "mlp.up_proj");
+      b.down = place(f.down, p + "mlp.down_proj");
+    } else {
+      b.router = place(f.router, p + "mlp.gate");
+      b.correction_bias = upload_vec(f.correction_bias, p + "e_score_correction_bias");
+      b.exp_gate = place_experts(f.exp_gate, p + "experts.gate_proj");
+      b.exp_up = place_experts(f.exp_up, p + "experts.up_proj");
+      b.exp_down = place_experts(f.exp_down, p + "experts.down_proj");
+      b.sh_gate = place(f.sh_gate, p + "shared_experts.gate_proj");
+      b.sh_up = place(f.sh_up, p + "shared_experts.up_proj");
+      b.sh_down = place(f.sh_down, p + "shared_experts.down_proj");
+    }
+    return b;
+  }
+
+  void allocate_work() {
+    const size_t R = size_t(opt.max_rows), d = size_t(c.hidden_size);
+    const int H = c.num_attention_heads, kvr = c.kv_lora_rank, rope = c.qk_rope_head_dim;
+    const int qkh = c.qk_nope_head_dim + rope, vd = c.v_head_dim;
+    const int K = std::max(1, c.num_experts_per_tok);
+    const size_t inter = size_t(std::max({c.intermediate_size, c.moe_intermediate_size * std::max(1, c.n_shared_experts),
+                                          c.moe_intermediate_size}));
+    x = alloc<float>(R * d * 4, "activations");
+    h = alloc<float>(R * d * 4, "activations");
+    y = alloc<float>(R * d * 4, "activations");
+    cq = alloc<float>(R * std::max(1, c.q_lora_rank) * 4, "activations");
+    q = alloc<float>(R * H * qkh * 4, "activations");
+    kv = alloc<float>(R * (kvr + rope) * 4, "activations");
+    qpe = alloc<float>(R * H * rope * 4, "activations");
+    qt = alloc<float>(R * H * kvr * 4, "activations");
+    lat_o = alloc<float>(R * H * kvr * 4, "activations");
+    o = alloc<float>(R * H * vd * 4, "activations");
+    if (c.has_indexer) {
+      qi = alloc<float>(R * c.index_n_heads * c.index_head_dim * 4, "indexer activations");
+      wts = alloc<float>(R * c.index_n_heads * 4, "indexer activations");
+      score_cols = opt.max_context;
+      scores = alloc<float>(R * size_t(score_cols) * 4, "indexer scores");
+      topk_ws_bytes = topk_per_row_workspace_bytes(opt.max_rows, opt.max_context);
+      topk_ws = alloc(topk_ws_bytes, "top-k workspace");
+      kbuf = alloc<float>(R * c.index_head_dim * 4, "indexer keys");
+    }
+    // Selections: the indexer's top-k per row, or in a decode step the dense causal range.
+    sel = alloc<int>(std::max(R * std::max(c.index_topk, 1), size_t(kDecodeRows) * std::max(c.index_topk, opt.max_context)) * 4,
+                     "attention selection");
+    pos_dev = alloc<int>(size_t(opt.max_sequences) * 4, "positions");
+    check(cudaMallocHost(&pos_host, size_t(opt.max_sequences) * 4), "cudaMallocHost");
+    ffn_g = alloc<float>(R * std::max<size_t>(inter, size_t(K) * c.moe_intermediate_size) * 4, "ffn activations");
+    ffn_u = alloc<float>(R * std::max<size_t>(inter, size_t(K) * c.moe_intermediate_size) * 4, "ffn activations");
+    if (c.n_routed_experts > 0) {
+      logits = alloc<float>(R * c.n_routed_experts * 4, "router logits");
+      ids = alloc<int>(R * K * 4, "router ids");
+      route_w = alloc<float>(R * K * 4, "router weights");
+      ye = alloc<float>(R * K * d * 4, "expert outputs");
+      ys = alloc<float>(R * d * 4, "shared expert output");
+      slot_rows = alloc<int>(R * K * 4, "expert slots");
+      slot_tokens = alloc<int>(R * K * 4, "expert slots");
+      xe = alloc<float>(R * d * 4, "expert inputs");
+      ge = alloc<float>(R * c.moe_intermediate_size * 4, "expert activations");
+      ue = alloc<float>(R * c.moe_intermediate_size * 4, "expert activations");
+      yexp = alloc<float>(R * d * 4, "expert outputs");
+    }
+    // The largest matrix the prefill GEMM dequantizes.
+    size_t mx = size_t(lm_head.out) * lm_head.in;
+    auto upd = [&](const DevLinear& l) { mx = std::max(mx, size_t(l.out) * l.in); };
+    for (auto& b : blocks)
+      for (const DevLinear* l : {&b.q_proj, &b.q_a, &b.q_b, &b.kv_a, &b.o, &b.idx_wq_b, &b.idx_wk, &b.idx_weights_proj,
+                                 &b.gate, &b.up, &b.down, &b.router, &b.sh_gate, &b.sh_up, &b.sh_down})
+        upd(*l);
+    mx = std::max(mx, size_t(c.moe_intermediate_size) * c.hidden_size);
+    if (opt.max_rows > kDecodeRows && opt.prefill_gemm) {
+      dq_bytes = mx * 2;
+      dq = alloc(dq_bytes, "prefill BF16 weight scratch");
+    }
+    check(cudaMallocHost(&host_x, R * d * 4), "cudaMallocHost");
+    logits_rows = std::min<size_t>(R, 256);
+    check(cudaMallocHost(&host_logits, logits_rows * size_t(c.vocab_size) * 4), "cudaMallocHost");
+    y_logits = alloc<float>(logits_rows * size_t(c.vocab_size) * 4, "logits");
+  }
+  float* y_logits = nullptr;
+
+  // ---- ops ----
+
+  // y [T, out] = W x [T, in]: matvec for decode-sized batches, else BF16 tensor-core GEMM.
+  void linear(const DevLinear& l, const float* xin, int T, float* yout) {
+    product(l.fmt, l.w, l.scale, l.bo, l.bi, l.out, l.in, xin, T, yout);
+  }
+  // Decode-sized batches: matvec; more rows: BF16 tensor cores, or (opt.prefill_gemm off)
+  // matvec over chunks of 16 rows, float32 throughout.
+  void product(WeightFormat f, const void* w, const float* scale, int bo, int bi, int out, int in, const float* xin,
+               int T, float* yout) {
+    if (T > kDecodeRows && opt.prefill_gemm) {
+      dequant_bf16(f, w, scale, bo, bi, out, in, dq, stream);
+      gemm_bf16(dq, out, in, xin, T, yout, stream);
+      return;
+    }
+    for (int t0 = 0; t0 < T; t0 += kDecodeRows)
+      matvec_any(f, w, scale, bo, bi, out, in, xin + size_t(t0) * in, std::min(kDecodeRows, T - t0),
+                 yout + size_t(t0) * out);
+  }
+  void matvec_any(WeightFormat f, const void* w, const float* scale, int bo, int bi, int out, int in, const float* xin,
+                  int B, float* yout) {
+    if (f == WeightFormat::FP8_E4M3) matvec_fp8(w, scale, bo, bi, out, in, xin, B, yout, stream);
+    else matvec(f, w, scale, out, in, xin, B, yout, stream);
+  }
+
+  void attention(const DevBlock& b, int layer, const std::vector<CudaSequence*>& seqs, const std::vector<int>& rows0,
+                 const std::vector<int>& nrows, int R, bool dev, int ncap, std::vector<int>& seq_sel_k) {
+    const int H = c.num_attention_heads, kvr = c.kv_lora_rank, nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim;
+    const int qkh = nope + rope, vd = c.v_head_dim, ql = c.q_lora_rank;
+    const cpu::Rope& mr = model.rope();
+    // Query: q_b(RMSNorm(q_a h)) or q_proj h.
+    if (ql > 0) {
+      linear(b.q_a, h, R, cq);
+      rms_norm(cq, b.q_a_norm, R, ql, float(kLoraNormEps), cq, stream);
+      linear(b.q_b, cq, R, q);
+    } else {
+      linear(b.q_proj, h, R, q);
+    }
+    linear(b.kv_a, h, R, kv);
+    if (b.indexer_full) {
+      linear(b.idx_wq_b, cq, R, qi);
+      linear(b.idx_weights_proj, h, R, wts);
+    }
+    // Absorb: q̃ = W_UKᵀ q_nope for every row, and q_pe gathered contiguous (roped below).
+    head_matvec(b.kvb_fmt, b.wuk_t, H, kvr, nope, q, H * qkh, qkh, R, qt, stream);
+    const int Hi = c.index_n_heads, Di = c.index_head_dim;
+    // Per sequence: rope at its positions, its cache, its indexer top-k, attention over it. In a
+    // decode step (dev) positions come from pos_dev (graph-capturable) and the key range is the
+    // capacity ncap: keys past a sequence's position are masked on the device.
+    for (size_t si = 0; si < seqs.size(); ++si) {
+      const int r0 = rows0[si], T = nrows[si], pos0 = seqs[si]->n;
+      const int* pd = dev ? pos_dev + si : nullptr;
+      const DevLayerCache& lc = caches[seqs[si]->id][layer];
+      float* qs = q + size_t(r0) * H * qkh;
+      cuda::rope(qs, T * H, qkh, nope, mr.dim, H, pos0, rope_freq, mr.attention_factor, mr.interleave, stream, pd);
+      check(cudaMemcpy2DAsync(qpe + size_t(r0) * H * rope, rope * 4, qs + nope, qkh * 4, rope * 4, size_t(T) * H,
+                              cudaMemcpyDeviceToDevice, stream),
+            "cudaMemcpy2DAsync (q_pe)");
+      // KV: c = RMSNorm(c) and rope(k_pe) in place, then both rows into the cache.
+      float* kvs = kv + size_t(r0) * (kvr + rope);
+      rms_norm_strided(kvs, kvr + rope, b.kv_a_norm, T, kvr, float(kLoraNormEps), kvs, kvr + rope, stream);
+      cuda::rope(kvs, T, kvr + rope, kvr, mr.dim, 1, pos0, rope_freq, mr.attention_factor, mr.interleave, stream, pd);
+      to_cache(lc.latent, kvr, pd, pos0, kvs, kvr + rope, T, kvr);
+      to_cache(lc.k_pe, rope, pd, pos0, kvs + kvr, kvr + rope, T, rope);
+      const int N = dev ? ncap : pos0 + T, p0 = dev ? ncap - T : pos0;  // key range, and its last row's start
+      const int sw = dev ? std::max(c.index_topk, opt.max_context) : c.index_topk;  // selection row width
+      int* sel_s = sel + size_t(r0) * sw;
+      if (b.indexer_full) {
+        const cpu::Rope& ir = model.indexer_rope();
+        float* qis = qi + size_t(r0) * Hi * Di;
+        cuda::rope(qis, T * Hi, Di, 0, ir.dim, Hi, pos0, idx_rope_freq, ir.attention_factor, ir.interleave, stream, pd);
+        float* ks = kbuf + size_t(r0) * Di;
+        linear(b.idx_wk, h + size_t(r0) * c.hidden_size, T, ks);
+        layer_norm(ks, b.idx_k_norm_w, b.idx_k_norm_b, T, Di, float(kIndexerNormEps), ks, stream);
+        cuda::rope(ks, T, Di, 0, ir.dim, 1, pos0, idx_rope_freq, ir.attention_factor, ir.interleave, stream, pd);
+        to_cache(lc.idx_k, Di, pd, pos0, ks, Di, T, Di);
+        dsa_indexer_scores(qis, lc.idx_k, wts + size_t(r0) * Hi, T, Hi, Di, N, p0, float(1.0 / std::sqrt(double(Hi))),
+                           scores, stream);
+        if (dev) mask_future_scores(scores, T, N, pd, stream);
+        topk_per_row(scores, T, N, p0, c.index_topk, topk_ws, topk_ws_bytes, sel_s, stream);
+        if (dev) mask_future_selection(sel_s, T, c.index_topk, pd, stream);
+        seq_sel_k[si] = c.index_topk;
+      } else if (seq_sel_k[si] == 0 && dev) {
+        // No selection yet (a model without indexer): dense causal attention as a selection.
+        causal_selection(sel_s, T, N, pd, stream);
+        seq_sel_k[si] = -N;  // dense; recomputed per layer as the cache is the same
+      }
+      const int k = seq_sel_k[si];
+      mla_decode_attention(qt + size_t(r0) * H * kvr, qpe + size_t(r0) * H * rope, lc.latent, lc.k_pe, T, H, kvr, rope,
+                           p0, k != 0 ? sel_s : nullptr, k > 0 ? k : -k, float(c.attn_scale()),
+                           lat_o + size_t(r0) * H * kvr, stream);
+    }
+    head_matvec(b.kvb_fmt, b.wuv, H, vd, kvr, lat_o, H * kvr, kvr, R, o, stream);
+    linear(b.o, o, R, y);
+  }
+
+  // Rows [T] (src_stride apart) into cache rows pos .. pos+T-1 (the position from the device in
+  // a decode step, else pos0).
+  void to_cache(float* cache, int n, const int* pd, int pos0, const float* src, int src_stride, int T, int width) {
+    if (pd) {
+      append_rows(cache, n, pd, src, src_stride, T, width, stream);
+      return;
+    }
+    check(cudaMemcpy2DAsync(cache + size_t(pos0) * n, size_t(n) * 4, src, size_t(src_stride) * 4, size_t(width) * 4, T,
+                            cudaMemcpyDeviceToDevice, stream),
+          "cudaMemcpy2DAsync (cache)");
+  }
+
+  void ffn(const DevBlock& b, int R) {
+    const int d = c.hidden_size;
+    if (!b.moe) {
+      linear(b.gate, h, R, ffn_g);
+      linear(b.up, h, R, ffn_u);
+      silu_mul(ffn_g, ffn_u, size_t(R) * b.gate.out, ffn_g, stream);
+      linear(b.down, ffn_g, R, y);
+      add_inplace(x, y, size_t(R) * d, stream);
+      return;
+    }
+    const int E = c.n_routed_experts, K = c.num_experts_per_tok, mi = c.moe_intermediate_size;
+    linear(b.router, h, R, logits);
+    moe_route(logits, b.correction_bias, R, E, c.n_group, c.topk_group, K, c.norm_topk_prob,
+              float(c.routed_scaling_factor), ids, route_w, stream);
+    const int S = R * K;
+    if (R <= kDecodeRows) {
+      // Decode: the grouped kernel reads the chosen experts from `ids` on the device.
+      matvec_grouped(b.exp_gate.ew, mi, d, ids, S, h, K, ffn_g, stream);
+      matvec_grouped(b.exp_up.ew, mi, d, ids, S, h, K, ffn_u, stream);
+      silu_mul(ffn_g, ffn_u, size_t(S) * mi, ffn_g, stream);
+      matvec_grouped(b.exp_down.ew, d, mi, ids, S, ffn_g, 1, ye, stream);
+    } else {
+      prefill_experts(b, R);
+    }
+    const float* shared = nullptr;
+    if (b.sh_gate.present()) {
+      linear(b.sh_gate, h, R, ffn_g);
+      linear(b.sh_up, h, R, ffn_u);
+      silu_mul(ffn_g, ffn_u, size_t(R) * b.sh_gate.out, ffn_g, stream);
+      linear(b.sh_down, ffn_g, R, ys);
+      shared = ys;
+    }
+    moe_combine(ye, route_w, R, K, d, shared, x, stream);
+  }
+
+  // Prefill: the router's choice comes to the host, each expert's tokens are gathered and run
+  // as one product (matvec for up to 16 tokens, else dequantize + GEMM), then scattered to
+  // their slots.
+  void prefill_experts(const DevBlock& b, int R) {
+    const int d = c.hidden_size, K = c.num_experts_per_tok, mi = c.moe_intermediate_size, E = c.n_routed_experts;
+    const int S = R * K;
+    std::vector<int> hid(S);
+    check(cudaMemcpyAsync(hid.data(), ids, size_t(S) * 4, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync (ids)");
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    std::vector<int> count(E + 1, 0), start(E + 1, 0);
+    for (int s = 0; s < S; ++s)
+      if (hid[s] >= 0 && hid[s] < E) ++count[hid[s]];
+    for (int e = 0; e < E; ++e) start[e + 1] = start[e] + count[e];
+    std::vector<int> slots(S), toks(S), fill(start.begin(), start.end() - 1);
+    for (int s = 0; s < S; ++s)
+      if (hid[s] >= 0 && hid[s] < E) {
+        int at = fill[hid[s]]++;
+        slots[at] = s;
+        toks[at] = s / K;
+      }
+    check(cudaMemcpyAsync(slot_rows, slots.data(), size_t(S) * 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(slot_tokens, toks.data(), size_t(S) * 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+    check(cudaMemsetAsync(ye, 0, size_t(S) * d * 4, stream), "cudaMemsetAsync");
+    // The uploads read pageable host vectors; they finish before this function returns.
+    for (int e = 0; e < E; ++e) {
+      const int n = count[e];
+      if (n == 0) continue;
+      gather_rows(h, slot_tokens + start[e], n, d, xe, stream);
+      expert_linear(b.exp_gate, e, xe, n, ge);
+      expert_linear(b.exp_up, e, xe, n, ue);
+      silu_mul(ge, ue, size_t(n) * mi, ge, stream);
+      expert_linear(b.exp_down, e, ge, n, yexp);
+      scatter_rows(yexp, slot_rows + start[e], n, d, ye, stream);
+    }
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  }
+
+  void expert_linear(const DevExperts& x_, int e, const float* xin, int n, float* yout) {
+    const ExpertWeights& ew = x_.ew;
+    const void* w = static_cast<const uint8_t*>(ew.w) + size_t(e) * ew.w_stride;
+    const float* sc = ew.scale ? ew.scale + size_t(e) * ew.scale_stride : nullptr;
+    product(ew.fmt, w, sc, ew.bo, ew.bi, x_.out, x_.in, xin, n, yout);
+  }
+};
+
+GlmDsaCuda::GlmDsaCuda(const GlmDsaModel& model, const GlmDsaCudaOptions& opt) : cfg_(model.config()) {
+  BIGMOE_CHECK(opt.max_context >= 1 && opt.max_sequences >= 1 && opt.max_rows >= 1,
+               "GlmDsaCuda: bad options (max_context {}, max_sequences {}, max_rows {})", opt.max_context,
+               opt.max_sequences, opt.max_rows);
+  if (device_count() == 0) fail("no CUDA device");
+  check(cudaSetDevice(opt.device), "cudaSetDevice");
+  impl_ = std::make_unique<Impl>(model, opt);
+  Impl& I = *impl_;
+  const ModelConfig& c = cfg_;
+  if (c.hidden_size % 4 != 0) fail("GlmDsaCuda: hidden_size {} is not a multiple of 4", c.hidden_size);
+  check(cudaStreamCreateWithFlags(&I.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  const int L = c.num_hidden_layers;
+  for (int i = 0; i < L; ++i) {
+    if (opt.progress) std::fprintf(stderr, "\rupload: layer %d/%d", i + 1, L);
+    I.blocks.push_back(I.place_block(model.layers()[i], fmt::format("layer {} ", i)));
+  }
+  if (opt.progress) std::fprintf(stderr, "\rupload: lm_head            ");
+  I.final_norm = I.upload_vec(model.final_norm(), "final norm");
+  I.lm_head = I.place(model.lm_head(), "lm_head");
+  I.rope_freq = I.upload_vec(model.rope().inv_freq, "rope");
+  I.idx_rope_freq = I.upload_vec(model.indexer_rope().inv_freq, "indexer rope");
+  I.allocate_work();
+  I.caches.resize(opt.max_sequences);
+  I.seq_used.assign(opt.max_sequences, false);
+  for (int s = 0; s < opt.max_sequences; ++s) {
+    I.caches[s].resize(L);
+    for (int i = 0; i < L; ++i) {
+      DevLayerCache& lc = I.caches[s][i];
+      const size_t N = size_t(opt.max_context);
+      lc.latent = I.alloc<float>(N * c.kv_lora_rank * 4, "latent cache");
+      lc.k_pe = I.alloc<float>(N * c.qk_rope_head_dim * 4, "k_pe cache");
+      if (I.blocks[i].indexer_full) lc.idx_k = I.alloc<float>(N * c.index_head_dim * 4, "indexer cache");
+    }
+  }
+  if (opt.progress) std::fprintf(stderr, "\rupload: %.2f GiB on the device\n", I.resident / 1073741824.0);
+  resident_bytes_ = I.resident;
+}
+
+GlmDsaCuda::~GlmDsaCuda() = default;
+
+CudaSequence GlmDsaCuda::new_sequence() {
+  for (size_t s = 0; s < impl_->seq_used.size(); ++s)
+    if (!impl_->seq_used[s]) {
+      impl_->seq_used[s] = true;
+      return CudaSequence{int(s), 0};
+    }
+  fail("GlmDsaCuda: all {} sequences are in use (raise max_sequences)", impl_->seq_used.size());
+}
+
+void GlmDsaCuda::free_sequence(CudaSequence& s) {
+  if (s.id >= 0 && s.id < int(impl_->seq_used.size())) impl_->seq_used[s.id] = false;
+  s.id = -1;
+  s.n = 0;
+}
+
+void GlmDsaCuda::truncate(CudaSequence& s, int n_keep) {
+  if (n_keep < 0 || n_keep > s.n) fail("truncate: {} outside 0..{}", n_keep, s.n);
+  s.n = n_keep;  // later positions are overwritten as the sequence grows again
+}
+
+size_t GlmDsaCuda::decode_bytes_layer(int layer, int rows) const {
+  const Impl& I = *impl_;
+  if (layer == cfg_.num_hidden_layers) return I.lm_head.bytes;
+  BIGMOE_CHECK(layer >= 0 && layer < cfg_.num_hidden_layers, "decode_bytes_layer: no layer {}", layer);
+  const DevBlock& k = I.blocks[layer];
+  size_t b = k.kvb_bytes;
+  for (const DevLinear* l : {&k.q_proj, &k.q_a, &k.q_b, &k.kv_a, &k.o, &k.idx_wq_b, &k.idx_wk, &k.idx_weights_proj,
+                             &k.gate, &k.up, &k.down, &k.router, &k.sh_gate, &k.sh_up, &k.sh_down})
+    b += l->bytes;
+  if (k.moe)
+    b += size_t(std::min(cfg_.n_routed_experts, rows * cfg_.num_experts_per_tok)) *
+         (k.exp_gate.bytes_per_expert + k.exp_up.bytes_per_expert + k.exp_down.bytes_per_expert);
+  return b;
+}
+
+size_t GlmDsaCuda::decode_bytes_per_token(int rows) const {
+  size_t b = 0;
+  for (int l = 0; l <= cfg_.num_hidden_layers; ++l) b += decode_bytes_layer(l, rows);
+  return b;
+}
+
+std::vector<float> GlmDsaCuda::forward(const std::vector<CudaSequence*>& seqs,
+                                       const std::vector<std::vector<int>>& tokens, bool last_only) {
+  Impl& I = *impl_;
+  const ModelConfig& c = cfg_;
+  if (seqs.size() != tokens.size()) fail("forward: {} sequences but {} token lists", seqs.size(), tokens.size());
+  int total = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (!seqs[i] || seqs[i]->id < 0 || seqs[i]->id >= int(I.seq_used.size()) || !I.seq_used[seqs[i]->id])
+      fail("forward: sequence {} is not live", i);
+    for (size_t j = 0; j < i; ++j)
+      if (seqs[j]->id == seqs[i]->id) fail("forward: sequence {} appears twice in one step", seqs[i]->id);
+    I.model.check_token_ids(tokens[i]);
+    if (seqs[i]->n + int(tokens[i].size()) > I.opt.max_context)
+      fail("forward: sequence at {} positions + {} tokens exceeds the context of {} positions", seqs[i]->n,
+           tokens[i].size(), I.opt.max_context);
+    total += int(tokens[i].size());
+  }
+  const int V = c.vocab_size, d = c.hidden_size;
+  std::vector<float> out;
+  if (total == 0) return out;
+
+  for (size_t i = 0; i < seqs.size(); ++i)
+    if (tokens[i].empty()) fail("forward: sequence {} of the step has no tokens", i);
+
+  // Chunk: at most max_rows rows per step (and no more than the logits buffer holds when every
+  // row's logits are wanted); a long prompt runs as consecutive steps of its rows.
+  const int step_rows = last_only ? I.opt.max_rows : std::min(I.opt.max_rows, int(I.logits_rows));
+  if (total > step_rows) {
+    std::vector<float> all;
+    for (size_t i = 0; i < seqs.size(); ++i)
+      for (size_t t0 = 0; t0 < tokens[i].size(); t0 += size_t(step_rows)) {
+        size_t t1 = std::min(tokens[i].size(), t0 + size_t(step_rows));
+        std::vector<int> part(tokens[i].begin() + t0, tokens[i].begin() + t1);
+        auto r = forward({seqs[i]}, {part}, last_only);
+        if (!last_only || t1 == tokens[i].size()) all.insert(all.end(), r.begin(), r.end());
+      }
+    return all;
+  }
+
+  std::vector<int> rows0(seqs.size()), nrows(seqs.size());
+  int R = 0, need = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    rows0[i] = R;
+    nrows[i] = int(tokens[i].size());
+    for (int t : tokens[i]) I.model.embed_row(t, I.host_x + size_t(R++) * d);
+    I.pos_host[i] = seqs[i]->n;
+    need = std::max(need, seqs[i]->n + nrows[i]);
+  }
+  // A decode step (<= 16 rows) reads positions from the device and attends over a key capacity
+  // (a power of two >= every sequence's length): its kernels' arguments do not change from step
+  // to step, so it is captured once per (sequences, rows, capacity) as a CUDA graph and replayed.
+  const bool dev = R <= kDecodeRows;
+  int ncap = 0;
+  if (dev) {
+    ncap = 64;
+    while (ncap < need) ncap *= 2;
+    ncap = std::min(ncap, I.opt.max_context);
+  }
+  const int nout = last_only ? int(seqs.size()) : R;
+  auto enqueue = [&] {
+    check(cudaMemcpyAsync(I.x, I.host_x, size_t(R) * d * 4, cudaMemcpyHostToDevice, I.stream), "cudaMemcpyAsync (x)");
+    if (dev)
+      check(cudaMemcpyAsync(I.pos_dev, I.pos_host, seqs.size() * 4, cudaMemcpyHostToDevice, I.stream),
+            "cudaMemcpyAsync (positions)");
+    I.enqueue_layers(seqs, rows0, nrows, R, dev, ncap, last_only, profiling_ ? &layer_ms_ : nullptr);
+    check(cudaMemcpyAsync(I.host_logits, I.y_logits, size_t(nout) * V * 4, cudaMemcpyDeviceToHost, I.stream),
+          "cudaMemcpyAsync (logits)");
+  };
+  if (dev && graphs_ && !profiling_) {
+    std::string key = fmt::format("{}", ncap);
+    for (size_t i = 0; i < seqs.size(); ++i) key += fmt::format(",{}:{}", seqs[i]->id, nrows[i]);
+    key += last_only ? "L" : "A";
+    auto it = I.graphs.find(key);
+    if (it == I.graphs.end()) {
+      // First use runs eagerly (workspaces grow outside any capture); the next one captures.
+      enqueue();
+      if (I.graphs.size() >= 64) {
+        for (auto& g : I.graphs)
+          if (g.second.exec) cudaGraphExecDestroy(g.second.exec);
+        I.graphs.clear();
+      }
+      I.graphs[key] = Impl::Graph{};
+    } else {
+      if (!it->second.exec) {
+        cudaGraph_t graph = nullptr;
+        check(cudaStreamBeginCapture(I.stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+        try {
+          enqueue();
+        } catch (...) {
+          cudaStreamEndCapture(I.stream, &graph);
+          if (graph) cudaGraphDestroy(graph);
+          throw;
+        }
+        check(cudaStreamEndCapture(I.stream, &graph), "cudaStreamEndCapture");
+        cudaError_t e = cudaGraphInstantiate(&it->second.exec, graph, 0);
+        cudaGraphDestroy(graph);
+        check(e, "cudaGraphInstantiate");
+      }
+      check(cudaGraphLaunch(it->second.exec, I.stream), "cudaGraphLaunch");
+    }
+  } else {
+    enqueue();
+  }
+  check(cudaStreamSynchronize(I.stream), "forward");
+  if (profiling_) I.finish_profile(layer_ms_);
+  for (size_t i = 0; i < seqs.size(); ++i) seqs[i]->n += nrows[i];
+  out.assign(I.host_logits, I.host_logits + size_t(nout) * V);
+  return out;
+}
+
+void GlmDsaCuda::Impl::enqueue_layers(const std::vector<CudaSequence*>& seqs, const std::vector<int>& rows0,
+                                      const std::vector<int>& nrows, int R, bool dev, int ncap, bool last_only,
+                                      std::vector<float>* prof) {
+  const int L = c.num_hidden_layers, d = c.hidden_size;
+  if (prof) {
+    if (events.empty()) {
+      events.resize(L + 2);
+      for (auto& e : events) check(cudaEventCreate(&e), "cudaEventCreate");
+    }
+    check(cudaEventRecord(events[0], stream), "cudaEventRecord");
+  }
+  // Per sequence: the width of its current selection (a "full" indexer layer's top-k, reused by
+  // the "shared" layers after it); 0 = none yet, negative = dense causal selection.
+  std::vector<int> seq_sel_k(seqs.size(), 0);
+  for (int i = 0; i < L; ++i) {
+    const DevBlock& b = blocks[i];
+    rms_norm(x, b.input_norm, R, d, float(c.rms_norm_eps), h, stream);
+    attention(b, i, seqs, rows0, nrows, R, dev, ncap, seq_sel_k);
+    add_inplace(x, y, size_t(R) * d, stream);
+    rms_norm(x, b.post_norm, R, d, float(c.rms_norm_eps), h, stream);
+    ffn(b, R);
+    if (prof) check(cudaEventRecord(events[i + 1], stream), "cudaEventRecord");
+  }
+  // Final norm and lm_head over the rows whose logits are wanted.
+  rms_norm(x, final_norm, R, d, float(c.rms_norm_eps), h, stream);
+  int nout = R;
+  const float* hin = h;
+  if (last_only) {
+    nout = int(seqs.size());
+    for (size_t i = 0; i < seqs.size(); ++i)
+      check(cudaMemcpyAsync(y + i * d, h + size_t(rows0[i] + nrows[i] - 1) * d, size_t(d) * 4,
+                            cudaMemcpyDeviceToDevice, stream),
+            "cudaMemcpyAsync (last rows)");
+    hin = y;
+  }
+  linear(lm_head, hin, nout, y_logits);
+  if (prof) check(cudaEventRecord(events[L + 1], stream), "cudaEventRecord");
+}
+
+void GlmDsaCuda::Impl::finish_profile(std::vector<float>& ms) {
+  const int L = c.num_hidden_layers;
+  ms.assign(L + 1, 0.f);
+  for (int i = 0; i <= L; ++i) check(cudaEventElapsedTime(&ms[i], events[i], events[i + 1]), "cudaEventElapsedTime");
+}
+
+namespace {
+
+class CudaLm;
+
+class CudaSession : public Session {
+ public:
+  CudaSession(GlmDsaCuda& g) : g_(g), s_(g.new_sequence()) {}
+  ~CudaSession() override { g_.free_sequence(s_); }
+  std::vector<float> feed(const std::vector<int>& tokens) override { return g_.forward({&s_}, {tokens}, true); }
+  std::vector<float> feed_all(const std::vector<int>& tokens) override { return g_.forward({&s_}, {tokens}, false); }
+  int n_past() const override { return s_.n; }
+  void truncate(int n_keep) override { g_.truncate(s_, n_keep); }
+
+ private:
+  GlmDsaCuda& g_;
+  CudaSequence s_;
+};
+
+class CudaLm : public LanguageModel {
+ public:
+  CudaLm(std::unique_ptr<GlmDsaModel> m, const GlmDsaCudaOptions& o)
+      : m_(std::move(m)), g_(std::make_unique<GlmDsaCuda>(*m_, o)), ctx_(o.max_context) {}
+  int vocab_size() const override { return m_->vocab_size(); }
+  int context_length() const override { return std::min(ctx_, m_->context_length()); }
+  std::unique_ptr<Session> new_session() const override { return std::make_unique<CudaSession>(*g_); }
+
+ private:
+  std::unique_ptr<GlmDsaModel> m_;
+  std::unique_ptr<GlmDsaCuda> g_;
+  int ctx_;
+};
+
+}  // namespace
+
+std::unique_ptr<LanguageModel> make_cuda_language_model(std::unique_ptr<GlmDsaModel> model,
+                                                        const GlmDsaCudaOptions& opt) {
+  return std::make_unique<CudaLm>(std::move(model), opt);
+}
+
+}  // namespace bigmoe::cuda

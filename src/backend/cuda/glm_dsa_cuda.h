@@ -1,0 +1,89 @@
+// The GLM-DSA forward pass on one CUDA device, every weight resident in GPU memory: the same
+// math as GlmDsaModel (src/model/glm_dsa.cpp), op by op, through the kernels of cuda_ops.h and
+// model_ops.h. Decode (T <= 16 rows in a step) runs the matvec kernels and the grouped expert
+// kernel, which reads the router's choice from device memory; prefill (more rows) runs the
+// tensor-core GEMM on weights dequantized to BF16, grouping the tokens of each expert.
+// Attention is the absorbed MLA over a float32 latent cache with the DSA indexer and top-k on
+// the device. Several sequences can share a step (batched decode): their rows go through the
+// matrix products together and through attention one sequence at a time.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/cuda_ops.h"
+#include "engine/lm.h"
+#include "model/glm_dsa.h"
+
+namespace bigmoe::cuda {
+
+struct GlmDsaCudaOptions {
+  int max_context = 4096;  // cache positions per sequence
+  int max_sequences = 4;   // sequences that can exist at once
+  int max_rows = 4096;     // rows (tokens over all sequences) per forward step; longer prompts are chunked
+  int device = 0;
+  bool progress = false;   // progress bar on stderr while uploading
+  // The absorbed-MLA matrices (kv_b split per head) are BF16; set to keep them float32 where
+  // BF16 would round them (FP8 / quantized kv_b; 2x the bytes of BF16).
+  bool exact_absorb = false;
+  // Steps of more than 16 rows (prefill) run their products on tensor cores (activations rounded
+  // to BF16); off: as matvecs over 16-row chunks, float32 throughout (tests, exactness).
+  bool prefill_gemm = true;
+};
+
+// A handle on one sequence's device cache.
+struct CudaSequence {
+  int id = -1;
+  int n = 0;  // positions cached
+};
+
+class GlmDsaCuda {
+ public:
+  // Uploads every weight of `model` (which must outlive this object). Throws bigmoe::Error when
+  // the device has too little memory or a tensor's format cannot be placed, naming it.
+  GlmDsaCuda(const GlmDsaModel& model, const GlmDsaCudaOptions& opt);
+  ~GlmDsaCuda();
+  GlmDsaCuda(const GlmDsaCuda&) = delete;
+  GlmDsaCuda& operator=(const GlmDsaCuda&) = delete;
+
+  const ModelConfig& config() const { return cfg_; }
+  CudaSequence new_sequence();
+  void free_sequence(CudaSequence& s);
+  void truncate(CudaSequence& s, int n_keep);
+
+  // One step: tokens[i] are appended to seqs[i] at positions seqs[i]->n ...; returns the logits
+  // of every row, [Σ tokens[i].size(), V], in order (or only each sequence's last row when
+  // last_only). Sequences over max_context or bad token ids throw before any work.
+  std::vector<float> forward(const std::vector<CudaSequence*>& seqs, const std::vector<std::vector<int>>& tokens,
+                             bool last_only = false);
+
+  // Per-layer device time of the last forward (ms, index num_hidden_layers = final norm +
+  // lm_head), recorded when profiling is on (events between layers; adds no sync otherwise).
+  void set_profiling(bool on) { profiling_ = on; }
+  // Decode steps replay captured CUDA graphs (on by default; off: every kernel launched anew).
+  void set_graphs(bool on) { graphs_ = on; }
+  const std::vector<float>& layer_ms() const { return layer_ms_; }
+
+  // Weight bytes a decode step of `rows` rows reads at most: every non-expert weight, the shared
+  // experts, min(E, rows * top_k) routed experts per MoE layer and the lm_head (rows 1: one
+  // token's bytes). And what the device holds in total.
+  size_t decode_bytes_per_token(int rows = 1) const;
+  size_t decode_bytes_layer(int layer, int rows = 1) const;  // layer num_hidden_layers: norm + lm_head
+  size_t resident_bytes() const { return resident_bytes_; }
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+  ModelConfig cfg_;
+  bool profiling_ = false;
+  bool graphs_ = true;
+  std::vector<float> layer_ms_;
+  size_t resident_bytes_ = 0;
+};
+
+// GlmDsaCuda as a LanguageModel (one sequence per session), for `bigmoe run/serve --device cuda`.
+std::unique_ptr<LanguageModel> make_cuda_language_model(std::unique_ptr<GlmDsaModel> model,
+                                                        const GlmDsaCudaOptions& opt);
+
+}  // namespace bigmoe::cuda
