@@ -134,6 +134,26 @@ TEST_F(CudaModelOps, RopeMatchesReference) {
       }
 }
 
+// pos_dev (graph-captured decode): the position comes from device memory, pos0 is ignored.
+TEST_F(CudaModelOps, RopeDevicePosition) {
+  for (bool interleave : {false, true}) {
+    const int H = 8, stride = 256, offset = 192, dim = 64, T = 3, pos = 4097;
+    const cpu::Rope rope = make_rope(dim, interleave, 1.2079f);
+    auto x = randn(size_t(T) * H * stride);
+    DeviceBuffer<float> dx(x.size()), df(rope.inv_freq.size());
+    DeviceBuffer<int> dp(1);
+    dx.upload(x);
+    df.upload(rope.inv_freq);
+    dp.upload({pos});
+    cuda::rope(dx.p, T * H, stride, offset, dim, H, 0, df.p, rope.attention_factor, interleave, nullptr, dp.p);
+    auto y = dx.download();
+    std::vector<float> ref = x;
+    for (int r = 0; r < T * H; ++r) rope.apply(&ref[size_t(r) * stride + offset], pos + r / H);
+    for (size_t i = 0; i < x.size(); ++i)
+      ASSERT_NEAR(y[i], ref[i], 1e-5f * 1.3f * (std::abs(x[i]) + 4.f)) << "interleave=" << interleave << " i=" << i;
+  }
+}
+
 TEST_F(CudaModelOps, RopeBadArguments) {
   DeviceBuffer<float> b(256), f(32);
   EXPECT_THROW(cuda::rope(b.p, 2, 64, 0, 63, 1, 0, f.p, 1.f, false), Error);   // odd dim
@@ -441,7 +461,7 @@ TEST_F(CudaModelOps, HeadMatvecMatchesReference) {
       {64, 512, 192, 256, 2, 0, 3},
       // o = W_UV ō: W [64, 256, 512], x [T, 64, 512].
       {64, 256, 512, 512, 1, 0, 0}, {64, 256, 512, 512, 5, 0, 0}, {64, 256, 512, 512, 16, 0, 0},
-      {64, 256, 512, 512, 17, 0, 0}, {64, 256, 512, 512, 40, 0, 4},
+      {64, 256, 512, 512, 17, 0, 0}, {64, 256, 512, 512, 18, 0, 4},
       // Tiny synthetic-model shapes, odd rows / cols, misaligned weights or x, long rows.
       {4, 32, 16, 16, 1, 0, 0}, {4, 24, 32, 40, 3, 0, 0}, {4, 24, 32, 32, 2, 1, 0}, {4, 24, 32, 32, 9, 0, 1},
       {3, 37, 7, 9, 4, 0, 0}, {2, 5, 33, 33, 6, 0, 0}, {2, 8, 4000, 4000, 7, 0, 0}, {1, 1, 1, 1, 1, 0, 0}};

@@ -24,3 +24,16 @@ void mask_future_selection(int* sel, int T, int k, const int* pos, CUstream_st* 
 void causal_selection(int* sel, int T, int ncap, const int* pos, CUstream_st* stream = nullptr);
 
 }  // namespace bigmoe::cuda
+
+namespace bigmoe::cuda {
+
+// Top-k selection by radix select, one block per row (rows t < T at positions pos0 + t, scores
+// [T, N] with row stride N): out[t, :k] gets the positions of the k largest scores among
+// s <= pos0 + t, in ascending position order; ties at the k-th score go to the lower positions
+// (cpu::topk's choice). When pos0 + t + 1 <= k, all causal positions 0..pos0+t, then -1. The
+// same set as topk_per_row without its segmented sort (4 histogram passes over the row in one
+// kernel). pos (device int, optional) replaces pos0 at run time.
+void topk_select(const float* scores, int T, int N, int pos0, int k, int* out, CUstream_st* stream = nullptr,
+                 const int* pos = nullptr);
+
+}  // namespace bigmoe::cuda

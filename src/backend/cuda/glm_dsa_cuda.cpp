@@ -100,8 +100,6 @@ struct GlmDsaCuda::Impl {
   int* pos_dev = nullptr;
   int* pos_host = nullptr;
   int *sel = nullptr, *ids = nullptr, *slot_rows = nullptr, *slot_tokens = nullptr;
-  void* topk_ws = nullptr;
-  size_t topk_ws_bytes = 0;
   void* dq = nullptr;  // BF16 dequantized weight for the prefill GEMM
   size_t dq_bytes = 0;
   float* host_x = nullptr;  // pinned staging of embeddings
@@ -367,8 +365,6 @@ struct GlmDsaCuda::Impl {
       wts = alloc<float>(R * c.index_n_heads * 4, "indexer activations");
       score_cols = opt.max_context;
       scores = alloc<float>(R * size_t(score_cols) * 4, "indexer scores");
-      topk_ws_bytes = topk_per_row_workspace_bytes(opt.max_rows, opt.max_context);
-      topk_ws = alloc(topk_ws_bytes, "top-k workspace");
       kbuf = alloc<float>(R * c.index_head_dim * 4, "indexer keys");
     }
     // Selections: the indexer's top-k per row, or in a decode step the dense causal range.
@@ -488,9 +484,8 @@ struct GlmDsaCuda::Impl {
         to_cache(lc.idx_k, Di, pd, pos0, ks, Di, T, Di);
         dsa_indexer_scores(qis, lc.idx_k, wts + size_t(r0) * Hi, T, Hi, Di, N, p0, float(1.0 / std::sqrt(double(Hi))),
                            scores, stream);
-        if (dev) mask_future_scores(scores, T, N, pd, stream);
-        topk_per_row(scores, T, N, p0, c.index_topk, topk_ws, topk_ws_bytes, sel_s, stream);
-        if (dev) mask_future_selection(sel_s, T, c.index_topk, pd, stream);
+        // Keys past each row's position (not yet written in a decode step) are never read.
+        topk_select(scores, T, N, dev ? 0 : pos0, c.index_topk, sel_s, stream, pd);
         seq_sel_k[si] = c.index_topk;
       } else if (seq_sel_k[si] == 0 && dev) {
         // No selection yet (a model without indexer): dense causal attention as a selection.
