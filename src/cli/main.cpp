@@ -8,6 +8,7 @@
 #include <iostream>
 
 #include "cli/text_cmds.h"
+#include "cli/profile_cmd.h"
 #include "cli/synth_cmd.h"
 #include "engine/sampler.h"
 #include "model/glm_dsa.h"
@@ -161,6 +162,7 @@ int main(int argc, char** argv) {
 
   cli::TextCommands text(app);
   cli::SynthCommand synth(app);
+  cli::ProfileCommand profile(app);
 
   // CLI11 reports a mistyped subcommand only as "A subcommand is required"; name it instead.
   std::vector<std::string> names;
@@ -177,6 +179,7 @@ int main(int argc, char** argv) {
   try {
     if (text.selected()) return text.run();
     if (synth.selected()) return synth.run();
+    if (profile.selected()) return profile.run();
     if (*lg) return cmd_logits(model, ids, gen, out, mtp_out);
     if (*in) return cmd_inspect(dir, config_only, weights);
     if (*run) return cmd_run(model, ids, n, sc, ignore_eos);

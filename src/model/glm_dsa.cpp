@@ -205,7 +205,7 @@ void GlmDsaModel::attention(const BlockWeights& bw, const float* h, int T, int p
 }
 
 // Dense MLP or MoE (spec §3.9). h [T, d] normed; out [T, d].
-void GlmDsaModel::ffn(const FfnWeights& w, const float* h, int T, float* out) const {
+void GlmDsaModel::ffn(const FfnWeights& w, const float* h, int T, float* out, int layer) const {
   const int d = cfg_.hidden_size;
   auto mlp = [&](const Linear& g, const Linear& u, const Linear& dn, const float* x, float* y) {
     std::vector<float> a(g.out), b(u.out);
@@ -243,6 +243,7 @@ void GlmDsaModel::ffn(const FfnWeights& w, const float* h, int T, float* out) co
         if (!kept[e / per]) choice[e] = -INFINITY;
     }
     auto idx = cpu::topk(choice.data(), E, K);
+    if (stats_) stats_->add(layer, idx.data(), K);
     std::vector<double> wt(K);
     double sum = 0;
     for (int k = 0; k < K; ++k) sum += (wt[k] = s[idx[k]]);
@@ -264,7 +265,7 @@ void GlmDsaModel::ffn(const FfnWeights& w, const float* h, int T, float* out) co
 }
 
 void GlmDsaModel::block_forward(const BlockWeights& w, float* x, int T, int pos0, LayerCache& lc,
-                                std::vector<std::vector<int>>& selection, AttnForm form) const {
+                                std::vector<std::vector<int>>& selection, AttnForm form, int layer) const {
   const int d = cfg_.hidden_size;
   std::vector<float> h(size_t(T) * d), y(size_t(T) * d);
   for (int t = 0; t < T; ++t)
@@ -273,7 +274,7 @@ void GlmDsaModel::block_forward(const BlockWeights& w, float* x, int T, int pos0
   for (size_t i = 0; i < y.size(); ++i) x[i] += y[i];
   for (int t = 0; t < T; ++t)
     rms_norm(x + size_t(t) * d, w.post_norm.data(), d, cfg_.rms_norm_eps, &h[size_t(t) * d]);
-  ffn(w.ffn, h.data(), T, y.data());
+  ffn(w.ffn, h.data(), T, y.data(), layer);
   for (size_t i = 0; i < y.size(); ++i) x[i] += y[i];
 }
 
@@ -288,7 +289,7 @@ ForwardOut GlmDsaModel::forward(const std::vector<int>& tokens, KVCache& cache, 
   // Top-k selections flow from each "full" indexer layer to the "shared" layers after it.
   std::vector<std::vector<int>> selection(T);
   for (int i = 0; i < cfg_.num_hidden_layers; ++i)
-    block_forward(layers_[i], x.data(), T, pos0, cache.layers[i], selection, form);
+    block_forward(layers_[i], x.data(), T, pos0, cache.layers[i], selection, form, i);
   cache.n += T;
 
   ForwardOut r;
@@ -318,7 +319,7 @@ ForwardOut GlmDsaModel::mtp_forward(const float* hidden, const std::vector<int>&
     linear(m.eh_proj, eg.data(), 1, &u[size_t(t) * d]);
   }
   std::vector<std::vector<int>> selection(T);
-  block_forward(m.block, u.data(), T, pos0, cache.layers[0], selection, form);
+  block_forward(m.block, u.data(), T, pos0, cache.layers[0], selection, form, cfg_.num_hidden_layers);
   cache.n += T;
 
   ForwardOut r;

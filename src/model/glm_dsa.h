@@ -7,6 +7,7 @@
 
 #include "backend/cpu/ref_ops.h"
 #include "engine/lm.h"
+#include "engine/routing_stats.h"
 #include "io/gguf.h"
 #include "io/safetensors.h"
 #include "model/config.h"
@@ -113,6 +114,10 @@ class GlmDsaModel : public LanguageModel {
   ForwardOut mtp_forward(const float* hidden, const std::vector<int>& next_tokens, KVCache& cache,
                          AttnForm form) const;
 
+  // Records every token's expert choice per MoE layer into `stats` (null: off). The MTP layer
+  // counts under layer index num_hidden_layers. Not thread-safe: one forward at a time.
+  void set_routing_stats(RoutingStats* stats) const { stats_ = stats; }
+
   // Read access for other backends (the CUDA executor uploads these).
   const std::vector<BlockWeights>& layers() const { return layers_; }
   const std::vector<float>& final_norm() const { return final_norm_; }
@@ -127,12 +132,12 @@ class GlmDsaModel : public LanguageModel {
   GlmDsaModel() = default;
   KVCache make_cache(int n_layers) const;
   void block_forward(const BlockWeights& w, float* x, int T, int pos0, LayerCache& lc,
-                     std::vector<std::vector<int>>& selection, AttnForm form) const;
+                     std::vector<std::vector<int>>& selection, AttnForm form, int layer) const;
   void attention(const BlockWeights& w, const float* h, int T, int pos0, LayerCache& lc,
                  std::vector<std::vector<int>>& selection, AttnForm form, float* out) const;
   void indexer_select(const MlaWeights& w, const float* h, const float* cq, int T, int pos0,
                       LayerCache& lc, std::vector<std::vector<int>>& selection) const;
-  void ffn(const FfnWeights& w, const float* h, int T, float* out) const;
+  void ffn(const FfnWeights& w, const float* h, int T, float* out, int layer) const;
   void embed(int token, float* dst) const;
   void check_tokens(const std::vector<int>& tokens) const;
 
@@ -146,6 +151,7 @@ class GlmDsaModel : public LanguageModel {
   std::vector<float> final_norm_;       // [d]
   Linear lm_head_;                      // [V, d]
   cpu::Rope rope_, idx_rope_;
+  mutable RoutingStats* stats_ = nullptr;
 };
 
 }  // namespace bigmoe
