@@ -10,6 +10,7 @@
 #include "cli/text_cmds.h"
 #include "cli/profile_cmd.h"
 #include "cli/synth_cmd.h"
+#include "cli/plan_cmd.h"
 #include "engine/sampler.h"
 #include "model/glm_dsa.h"
 #include "model/inspect.h"
@@ -162,6 +163,7 @@ int main(int argc, char** argv) {
 
   cli::TextCommands text(app);
   cli::SynthCommand synth(app);
+  cli::PlanCommand plan(app);
   cli::ProfileCommand profile(app);
 
   // CLI11 reports a mistyped subcommand only as "A subcommand is required"; name it instead.
@@ -179,6 +181,7 @@ int main(int argc, char** argv) {
   try {
     if (text.selected()) return text.run();
     if (synth.selected()) return synth.run();
+    if (plan.selected()) return plan.run();
     if (profile.selected()) return profile.run();
     if (*lg) return cmd_logits(model, ids, gen, out, mtp_out);
     if (*in) return cmd_inspect(dir, config_only, weights);
