@@ -11,6 +11,9 @@
 #include "cli/profile_cmd.h"
 #include "cli/synth_cmd.h"
 #include "cli/plan_cmd.h"
+#ifdef BIGMOE_WITH_CUDA
+#include "backend/cuda/probe.h"
+#endif
 #include "engine/sampler.h"
 #include "model/glm_dsa.h"
 #include "model/inspect.h"
@@ -164,6 +167,9 @@ int main(int argc, char** argv) {
   cli::TextCommands text(app);
   cli::SynthCommand synth(app);
   cli::PlanCommand plan(app);
+#ifdef BIGMOE_WITH_CUDA
+  plan::set_gpu_probe(cuda::probe_gpus);  // `bigmoe plan` without --machine measures the GPUs
+#endif
   cli::ProfileCommand profile(app);
 
   // CLI11 reports a mistyped subcommand only as "A subcommand is required"; name it instead.
