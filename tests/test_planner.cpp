@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -579,6 +580,42 @@ TEST(Planner, H100TestMachine) {
   EXPECT_NEAR(1 / mix.decode_tps_b1, g + e / 163e9, 1e-5);
   EXPECT_GT(mix.decode_tps_b1, cpu.decode_tps_b1);
   EXPECT_GT(cpu.decode_tps_b1, st.decode_tps_b1);
+}
+
+// The command itself: --json on a shipped machine file parses and names its choice; bad input
+// exits non-zero naming the culprit.
+std::string run_plan(const std::string& args, int* rc) {
+  const fs::path out = fs::temp_directory_path() / "bigmoe_plan_cli.txt";
+  *rc = std::system((std::string(BIGMOE_BINARY) + " plan " + args + " > " + out.string() + " 2>&1").c_str());
+  std::ifstream in(out);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+TEST(PlanCommand, JsonOnShippedMachineAndErrors) {
+  const std::string cfg = (fixture("glm5_config") / "config.json").string();
+  int rc = 0;
+  std::string out = run_plan("-m " + cfg + " --weights fp8 --machine " + (machines_dir() / "dual-gh200.json").string() +
+                                 " --json",
+                             &rc);
+  ASSERT_EQ(rc, 0) << out;
+  nlohmann::json j = nlohmann::json::parse(out.substr(out.find('{')));
+  ASSERT_TRUE(j.contains("layouts") && j["layouts"].is_array() && !j["layouts"].empty()) << out;
+  ASSERT_TRUE(j.contains("chosen")) << out;
+  bool found = false;
+  for (const auto& l : j["layouts"]) {
+    EXPECT_TRUE(l.contains("decode_tps_b1") && l.contains("decode_tps_b4") && l.contains("fits")) << l.dump();
+    if (l["name"] == "experts-streamed/local") {
+      found = true;
+      EXPECT_NEAR(l["decode_tps_b1"].get<double>(), 15.5, 0.5);
+    }
+  }
+  EXPECT_TRUE(found) << out;
+  out = run_plan("-m " + cfg + " --weights fp9 --machine " + (machines_dir() / "dual-gh200.json").string(), &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_THAT(out, ::testing::HasSubstr("fp9"));
+  out = run_plan("-m " + cfg + " --weights fp8 --machine /nonexistent/machine.json", &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_THAT(out, ::testing::HasSubstr("/nonexistent/machine.json"));
 }
 
 }  // namespace
