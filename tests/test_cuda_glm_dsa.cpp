@@ -35,18 +35,31 @@ std::unique_ptr<GlmDsaModel> load(const Case& c) {
 
 int argmax(const float* v, int n) { return int(std::max_element(v, v + n) - v); }
 
-class CudaGlmDsa : public test::CudaTest, public ::testing::WithParamInterface<Case> {};
+class CudaGlmDsa : public test::CudaTest, public ::testing::WithParamInterface<Case> {
+ public:
+  void SetUp() override {
+    test::CudaTest::SetUp();
+    if (IsSkipped()) return;
+    m = load(GetParam());
+    ref = load_reference(GetParam().ref);
+  }
+  // Options of the tests: a 128-position context, `sequences` sequences, `rows` rows per step.
+  static cuda::GlmDsaCudaOptions options(int sequences, int rows) {
+    cuda::GlmDsaCudaOptions o;
+    o.max_context = 128;
+    o.max_sequences = sequences;
+    o.max_rows = rows;
+    return o;
+  }
+  std::unique_ptr<GlmDsaModel> m;
+  test::Reference ref;
+};
 
 // Decode-sized steps (max_rows 16: every product is a matvec, float32 throughout): the prompt
 // runs as chunks of 16 rows, logits within 1e-4 of the CPU reference and of transformers.
 TEST_P(CudaGlmDsa, PromptLogitsMatchReference) {
   const Case& k = GetParam();
-  auto m = load(k);
-  auto ref = load_reference(k.ref);
-  cuda::GlmDsaCudaOptions o;
-  o.max_context = 128;
-  o.max_sequences = 1;
-  o.max_rows = 16;
+  cuda::GlmDsaCudaOptions o = options(1, 16);
   o.exact_absorb = true;  // dsv3_tiny's FP8 kv_b in float32: the float path is exact
   cuda::GlmDsaCuda g(*m, o);
   auto s = g.new_sequence();
@@ -65,12 +78,7 @@ TEST_P(CudaGlmDsa, PromptLogitsMatchReference) {
 // the same tokens as transformers.
 TEST_P(CudaGlmDsa, GreedyMatchesTransformers) {
   const Case& k = GetParam();
-  auto m = load(k);
-  auto ref = load_reference(k.ref);
-  cuda::GlmDsaCudaOptions o;
-  o.max_context = 128;
-  o.max_sequences = 1;
-  o.max_rows = 16;
+  cuda::GlmDsaCudaOptions o = options(1, 16);
   cuda::GlmDsaCuda g(*m, o);
   auto s = g.new_sequence();
   const int V = m->vocab_size();
@@ -90,12 +98,7 @@ TEST_P(CudaGlmDsa, GreedyMatchesTransformers) {
 // reference, and decode continues with transformers' greedy tokens.
 TEST_P(CudaGlmDsa, PrefillStepMatchesReference) {
   const Case& k = GetParam();
-  auto m = load(k);
-  auto ref = load_reference(k.ref);
-  cuda::GlmDsaCudaOptions o;
-  o.max_context = 128;
-  o.max_sequences = 1;
-  o.max_rows = 64;
+  cuda::GlmDsaCudaOptions o = options(1, 64);
   o.prefill_gemm = false;
   o.exact_absorb = true;
   cuda::GlmDsaCuda g(*m, o);
@@ -122,12 +125,7 @@ TEST_P(CudaGlmDsa, PrefillStepMatchesReference) {
 // indexer) mostly within 2e-2, and the next token is transformers'.
 TEST_P(CudaGlmDsa, TensorCorePrefillWithinBf16Tolerance) {
   const Case& k = GetParam();
-  auto m = load(k);
-  auto ref = load_reference(k.ref);
-  cuda::GlmDsaCudaOptions o;
-  o.max_context = 128;
-  o.max_sequences = 1;
-  o.max_rows = 64;
+  cuda::GlmDsaCudaOptions o = options(1, 64);
   cuda::GlmDsaCuda g(*m, o);
   auto s = g.new_sequence();
   std::vector<float> got = g.forward({&s}, {ref.prompt});
@@ -147,13 +145,7 @@ TEST_P(CudaGlmDsa, TensorCorePrefillWithinBf16Tolerance) {
 
 // Two sequences in one step (batched decode) give what each gives alone; truncate rolls back.
 TEST_P(CudaGlmDsa, BatchedSequencesMatchSingle) {
-  const Case& k = GetParam();
-  auto m = load(k);
-  auto ref = load_reference(k.ref);
-  cuda::GlmDsaCudaOptions o;
-  o.max_context = 128;
-  o.max_sequences = 2;
-  o.max_rows = 16;
+  cuda::GlmDsaCudaOptions o = options(2, 16);
   cuda::GlmDsaCuda g(*m, o);
   const int V = m->vocab_size();
   std::vector<int> pa(ref.prompt.begin(), ref.prompt.begin() + 20), pb(ref.prompt.begin() + 5, ref.prompt.end());
@@ -173,13 +165,7 @@ TEST_P(CudaGlmDsa, BatchedSequencesMatchSingle) {
 // Decode steps replayed from captured CUDA graphs give the logits the eagerly launched kernels
 // give, step after step (positions advance inside the same graph), also for two sequences.
 TEST_P(CudaGlmDsa, GraphReplayMatchesEagerDecode) {
-  const Case& k = GetParam();
-  auto m = load(k);
-  auto ref = load_reference(k.ref);
-  cuda::GlmDsaCudaOptions o;
-  o.max_context = 128;
-  o.max_sequences = 2;
-  o.max_rows = 16;
+  cuda::GlmDsaCudaOptions o = options(2, 16);
   cuda::GlmDsaCuda g(*m, o);
   const int V = m->vocab_size();
   auto a = g.new_sequence(), b = g.new_sequence();
@@ -201,12 +187,8 @@ TEST_P(CudaGlmDsa, GraphReplayMatchesEagerDecode) {
 }
 
 TEST_P(CudaGlmDsa, RejectsBadInput) {
-  const Case& k = GetParam();
-  auto m = load(k);
-  cuda::GlmDsaCudaOptions o;
+  cuda::GlmDsaCudaOptions o = options(1, 16);
   o.max_context = 8;
-  o.max_sequences = 1;
-  o.max_rows = 16;
   cuda::GlmDsaCuda g(*m, o);
   auto s = g.new_sequence();
   EXPECT_THROW(g.forward({&s}, {{m->vocab_size()}}), Error);

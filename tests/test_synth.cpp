@@ -248,15 +248,9 @@ std::string error_of(F&& f) {
 }
 
 SynthOptions small_fp8() {
-  SynthOptions o;
+  SynthOptions o = small();
   o.format = SynthFormat::Fp8;
-  o.n_dense = 1;
   o.n_moe = 3;  // 4 layers: layer 3 shares layer 2's DSA top-k (GLM-5.2's schedule), so has no indexer
-  o.n_experts = 8;
-  o.vocab = 1024;
-  o.hidden = 512;
-  o.mtp = true;
-  o.seed = 7;
   o.shard_bytes = 64'000'000;  // several shards (~0.43 GB in all)
   return o;
 }

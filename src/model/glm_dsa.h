@@ -125,8 +125,9 @@ class GlmDsaModel : public LanguageModel {
   const cpu::Rope& rope() const { return rope_; }
   const cpu::Rope& indexer_rope() const { return idx_rope_; }
   // The embedding row of `token` as float32 (dst has hidden_size elements).
-  void embed_row(int token, float* dst) const { embed(token, dst); }
-  void check_token_ids(const std::vector<int>& tokens) const { check_tokens(tokens); }
+  void embed(int token, float* dst) const;
+  // Throws naming the first id outside the vocabulary.
+  void check_tokens(const std::vector<int>& tokens) const;
 
  private:
   GlmDsaModel() = default;
@@ -138,8 +139,6 @@ class GlmDsaModel : public LanguageModel {
   void indexer_select(const MlaWeights& w, const float* h, const float* cq, int T, int pos0,
                       LayerCache& lc, std::vector<std::vector<int>>& selection) const;
   void ffn(const FfnWeights& w, const float* h, int T, float* out, int layer) const;
-  void embed(int token, float* dst) const;
-  void check_tokens(const std::vector<int>& tokens) const;
 
   ModelConfig cfg_;
   SafetensorsModel st_;

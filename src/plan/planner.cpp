@@ -136,15 +136,8 @@ struct Emitter {
   }
 };
 
-}  // namespace
-
-PlanModel plan_model_from_config(const ModelConfig& c, const WeightSpec& w, const std::string& source) {
-  PlanModel m;
-  Emitter E{m, parse_fmt(w.weights, "--weights"),
-            parse_fmt(w.expert_weights.empty() ? w.weights : w.expert_weights, "--expert-weights")};
-  m.source = source;
-  m.format = w.expert_weights.empty() ? fmt::format("config ({})", w.weights)
-                                      : fmt::format("config ({}, experts {})", w.weights, w.expert_weights);
+// The model-level fields of a plan, and which layers cache an indexer key (Di floats).
+void fill_from_config(PlanModel& m, const ModelConfig& c) {
   m.n_layers = c.num_hidden_layers;
   m.n_mtp = c.num_nextn_predict_layers;
   m.hidden = c.hidden_size;
@@ -154,6 +147,21 @@ PlanModel plan_model_from_config(const ModelConfig& c, const WeightSpec& w, cons
   m.max_context = c.max_position_embeddings;
   m.kv_latent = c.kv_lora_rank + c.qk_rope_head_dim;
   m.index_topk = c.has_indexer ? c.index_topk : 0;
+  m.kv_index.clear();
+  for (int i = 0; i < c.n_layers_total(); ++i)
+    m.kv_index.push_back(c.has_indexer && !c.indexer_shared[i] ? c.index_head_dim : 0);
+}
+
+}  // namespace
+
+PlanModel plan_model_from_config(const ModelConfig& c, const WeightSpec& w, const std::string& source) {
+  PlanModel m;
+  Emitter E{m, parse_fmt(w.weights, "--weights"),
+            parse_fmt(w.expert_weights.empty() ? w.weights : w.expert_weights, "--expert-weights")};
+  m.source = source;
+  m.format = w.expert_weights.empty() ? fmt::format("config ({})", w.weights)
+                                      : fmt::format("config ({}, experts {})", w.weights, w.expert_weights);
+  fill_from_config(m, c);
 
   const uint64_t d = c.hidden_size, V = c.vocab_size, H = c.num_attention_heads;
   const Fmt& f = E.f;
@@ -184,9 +192,7 @@ PlanModel plan_model_from_config(const ModelConfig& c, const WeightSpec& w, cons
     norm("attn_kv_a_norm.weight", "self_attn.kv_a_layernorm.weight", A, c.kv_lora_rank);
     lin("attn_kv_b.weight", "self_attn.kv_b_proj.weight", A, H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
     lin("attn_output.weight", "self_attn.o_proj.weight", A, d, H * c.v_head_dim);
-    bool idx = c.has_indexer && !c.indexer_shared[i];
-    m.kv_index.push_back(idx ? c.index_head_dim : 0);
-    if (idx) {
+    if (m.kv_index[size_t(i)] > 0) {
       const TensorClass X = TensorClass::Indexer;
       const uint64_t Hi = c.index_n_heads, Di = c.index_head_dim;
       lin("indexer.attn_q_b.weight", "self_attn.indexer.wq_b.weight", X, Hi * Di, c.q_lora_rank);
@@ -303,20 +309,6 @@ bool map_hf(const std::string& base, const std::string& suffix, HfMap& r) {
   return false;
 }
 
-void fill_from_config(PlanModel& m, const ModelConfig& c) {
-  m.n_layers = c.num_hidden_layers;
-  m.n_mtp = c.num_nextn_predict_layers;
-  m.hidden = c.hidden_size;
-  m.vocab = c.vocab_size;
-  m.n_experts = c.n_routed_experts;
-  m.top_k = c.num_experts_per_tok;
-  m.max_context = c.max_position_embeddings;
-  m.kv_latent = c.kv_lora_rank + c.qk_rope_head_dim;
-  m.index_topk = c.has_indexer ? c.index_topk : 0;
-  m.kv_index.clear();
-  for (int i = 0; i < c.n_layers_total(); ++i)
-    m.kv_index.push_back(c.has_indexer && !c.indexer_shared[i] ? c.index_head_dim : 0);
-}
 
 }  // namespace
 

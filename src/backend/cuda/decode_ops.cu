@@ -26,23 +26,6 @@ __global__ void append_rows_kernel(float* dst, int dst_stride, const int* pos, c
   }
 }
 
-__global__ void mask_scores_kernel(float* scores, int T, int ncap, const int* pos) {
-  const int p = *pos;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < size_t(T) * ncap;
-       i += size_t(gridDim.x) * blockDim.x) {
-    const int t = int(i / ncap), s = int(i % ncap);
-    if (s > p + t) scores[i] = -INFINITY;
-  }
-}
-
-__global__ void mask_sel_kernel(int* sel, int T, int k, const int* pos) {
-  const int p = *pos;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < size_t(T) * k; i += size_t(gridDim.x) * blockDim.x) {
-    const int t = int(i / k);
-    if (sel[i] > p + t) sel[i] = -1;
-  }
-}
-
 __global__ void causal_sel_kernel(int* sel, int T, int ncap, const int* pos) {
   const int p = *pos;
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < size_t(T) * ncap;
@@ -62,20 +45,6 @@ void append_rows(float* dst, int dst_stride, const int* pos, const float* src, i
   check(cudaGetLastError(), "append_rows launch");
 }
 
-void mask_future_scores(float* scores, int T, int ncap, const int* pos, CUstream_st* stream) {
-  BIGMOE_CHECK(T >= 0 && ncap >= 0, "mask_future_scores: bad shape");
-  if (T == 0 || ncap == 0) return;
-  mask_scores_kernel<<<blocks_for(size_t(T) * ncap), kThreads, 0, stream>>>(scores, T, ncap, pos);
-  check(cudaGetLastError(), "mask_future_scores launch");
-}
-
-void mask_future_selection(int* sel, int T, int k, const int* pos, CUstream_st* stream) {
-  BIGMOE_CHECK(T >= 0 && k >= 0, "mask_future_selection: bad shape");
-  if (T == 0 || k == 0) return;
-  mask_sel_kernel<<<blocks_for(size_t(T) * k), kThreads, 0, stream>>>(sel, T, k, pos);
-  check(cudaGetLastError(), "mask_future_selection launch");
-}
-
 void causal_selection(int* sel, int T, int ncap, const int* pos, CUstream_st* stream) {
   BIGMOE_CHECK(T >= 0 && ncap >= 0, "causal_selection: bad shape");
   if (T == 0 || ncap == 0) return;
@@ -83,11 +52,7 @@ void causal_selection(int* sel, int T, int ncap, const int* pos, CUstream_st* st
   check(cudaGetLastError(), "causal_selection launch");
 }
 
-}  // namespace bigmoe::cuda
-
 // ---- top-k by radix select ----
-
-namespace bigmoe::cuda {
 
 namespace {
 

@@ -3,7 +3,7 @@
 // positions of the sequences — is read from device memory (`pos`, a device int per sequence,
 // updated by a copy node at the start of the graph) and the key range is a fixed capacity
 // `ncap` (a power of two, re-captured when a sequence outgrows it). Tested against host-side
-// equivalents in tests/test_cuda_model_ops.cpp.
+// equivalents in tests/test_cuda_decode_ops.cpp.
 #pragma once
 #include "backend/cuda/cuda_ops.h"
 
@@ -14,25 +14,16 @@ namespace bigmoe::cuda {
 void append_rows(float* dst, int dst_stride, const int* pos, const float* src, int src_stride, int T, int n,
                  CUstream_st* stream = nullptr);
 
-// scores [T, ncap]: entries s > *pos + t set to -inf (positions not yet written).
-void mask_future_scores(float* scores, int T, int ncap, const int* pos, CUstream_st* stream = nullptr);
-
-// sel [T, k]: entries > *pos + t set to -1 (padding past the causal range).
-void mask_future_selection(int* sel, int T, int k, const int* pos, CUstream_st* stream = nullptr);
-
 // sel [T, ncap]: sel[t, s] = s for s <= *pos + t, else -1 (dense causal attention as a selection).
 void causal_selection(int* sel, int T, int ncap, const int* pos, CUstream_st* stream = nullptr);
-
-}  // namespace bigmoe::cuda
-
-namespace bigmoe::cuda {
 
 // Top-k selection by radix select, one block per row (rows t < T at positions pos0 + t, scores
 // [T, N] with row stride N): out[t, :k] gets the positions of the k largest scores among
 // s <= pos0 + t, in ascending position order; ties at the k-th score go to the lower positions
 // (cpu::topk's choice). When pos0 + t + 1 <= k, all causal positions 0..pos0+t, then -1. The
 // same set as topk_per_row without its segmented sort (4 histogram passes over the row in one
-// kernel). pos (device int, optional) replaces pos0 at run time.
+// kernel); scores past a row's position are never read. pos (device int, optional) replaces
+// pos0 at run time.
 void topk_select(const float* scores, int T, int N, int pos0, int k, int* out, CUstream_st* stream = nullptr,
                  const int* pos = nullptr);
 

@@ -101,11 +101,9 @@ struct GlmDsaCuda::Impl {
   int* pos_host = nullptr;
   int *sel = nullptr, *ids = nullptr, *slot_rows = nullptr, *slot_tokens = nullptr;
   void* dq = nullptr;  // BF16 dequantized weight for the prefill GEMM
-  size_t dq_bytes = 0;
   float* host_x = nullptr;  // pinned staging of embeddings
   float* host_logits = nullptr;
   size_t logits_rows = 0;
-  int score_cols = 0;
 
   struct Graph {
     cudaGraphExec_t exec = nullptr;
@@ -272,27 +270,20 @@ struct GlmDsaCuda::Impl {
       }
       for (int j = 0; j < vd; ++j) kvb.row(hh * (nope + vd) + nope + j, &uv[(size_t(hh) * vd + j) * kvr]);
     }
-    auto exact = [](const std::vector<float>& v) {
-      for (float f : v) {
-        uint32_t u;
-        std::memcpy(&u, &f, 4);
-        if (u & 0xffffu) return false;
-      }
+    auto to_bf16 = [](const std::vector<float>& v) {
+      std::vector<uint16_t> r(v.size());
+      for (size_t i = 0; i < v.size(); ++i) r[i] = f32_to_bf16(v[i]);
+      return r;
+    };
+    auto exact = [](const std::vector<float>& v, const std::vector<uint16_t>& h) {
+      for (size_t i = 0; i < v.size(); ++i)
+        if (bf16_to_f32(h[i]) != v[i]) return false;
       return true;
     };
-    const bool bf16 = !opt.exact_absorb || (exact(uk) && exact(uv));
+    std::vector<uint16_t> a = to_bf16(uk), v = to_bf16(uv);
+    const bool bf16 = !opt.exact_absorb || (exact(uk, a) && exact(uv, v));
     b.kvb_fmt = bf16 ? WeightFormat::BF16 : WeightFormat::F32;
     if (bf16) {
-      auto to_bf16 = [](const std::vector<float>& v) {
-        std::vector<uint16_t> r(v.size());
-        for (size_t i = 0; i < v.size(); ++i) {
-          uint32_t u;
-          std::memcpy(&u, &v[i], 4);
-          r[i] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
-        }
-        return r;
-      };
-      auto a = to_bf16(uk), v = to_bf16(uv);
       b.wuk_t = upload(a.data(), a.size(), what + " W_UK");
       b.wuv = upload(v.data(), v.size(), what + " W_UV");
       b.kvb_bytes = (a.size() + v.size()) * 2;
@@ -363,8 +354,7 @@ struct GlmDsaCuda::Impl {
     if (c.has_indexer) {
       qi = alloc<float>(R * c.index_n_heads * c.index_head_dim * 4, "indexer activations");
       wts = alloc<float>(R * c.index_n_heads * 4, "indexer activations");
-      score_cols = opt.max_context;
-      scores = alloc<float>(R * size_t(score_cols) * 4, "indexer scores");
+      scores = alloc<float>(R * size_t(opt.max_context) * 4, "indexer scores");
       kbuf = alloc<float>(R * c.index_head_dim * 4, "indexer keys");
     }
     // Selections: the indexer's top-k per row, or in a decode step the dense causal range.
@@ -396,8 +386,7 @@ struct GlmDsaCuda::Impl {
         upd(*l);
     mx = std::max(mx, size_t(c.moe_intermediate_size) * c.hidden_size);
     if (opt.max_rows > kDecodeRows && opt.prefill_gemm) {
-      dq_bytes = mx * 2;
-      dq = alloc(dq_bytes, "prefill BF16 weight scratch");
+      dq = alloc(mx * 2, "prefill BF16 weight scratch");
     }
     check(cudaMallocHost(&host_x, R * d * 4), "cudaMallocHost");
     logits_rows = std::min<size_t>(R, 256);
@@ -685,7 +674,7 @@ std::vector<float> GlmDsaCuda::forward(const std::vector<CudaSequence*>& seqs,
       fail("forward: sequence {} is not live", i);
     for (size_t j = 0; j < i; ++j)
       if (seqs[j]->id == seqs[i]->id) fail("forward: sequence {} appears twice in one step", seqs[i]->id);
-    I.model.check_token_ids(tokens[i]);
+    I.model.check_tokens(tokens[i]);
     if (seqs[i]->n + int(tokens[i].size()) > I.opt.max_context)
       fail("forward: sequence at {} positions + {} tokens exceeds the context of {} positions", seqs[i]->n,
            tokens[i].size(), I.opt.max_context);
@@ -718,7 +707,7 @@ std::vector<float> GlmDsaCuda::forward(const std::vector<CudaSequence*>& seqs,
   for (size_t i = 0; i < seqs.size(); ++i) {
     rows0[i] = R;
     nrows[i] = int(tokens[i].size());
-    for (int t : tokens[i]) I.model.embed_row(t, I.host_x + size_t(R++) * d);
+    for (int t : tokens[i]) I.model.embed(t, I.host_x + size_t(R++) * d);
     I.pos_host[i] = seqs[i]->n;
     need = std::max(need, seqs[i]->n + nrows[i]);
   }
