@@ -20,6 +20,23 @@
 
 namespace bigmoe::cuda {
 
+const char* expert_home_name(ExpertHome h) {
+  switch (h) {
+    case ExpertHome::Gpu: return "gpu";
+    case ExpertHome::Cpu: return "cpu";
+    case ExpertHome::Stream: return "stream";
+    case ExpertHome::Mixed: return "mixed";
+  }
+  return "?";
+}
+
+bool ExpertPlacement::any_host() const {
+  for (const auto& l : home)
+    for (ExpertHome h : l)
+      if (h != ExpertHome::Gpu) return true;
+  return false;
+}
+
 namespace {
 
 constexpr int kDecodeRows = 16;  // matvec's largest batch; more rows take the GEMM path

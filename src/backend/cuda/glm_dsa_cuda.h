@@ -7,6 +7,7 @@
 // the device. Several sequences can share a step (batched decode): their rows go through the
 // matrix products together and through attention one sequence at a time.
 #pragma once
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -16,6 +17,27 @@
 #include "model/glm_dsa.h"
 
 namespace bigmoe::cuda {
+
+// Where each routed expert lives (issue 5; the plan file's "experts" places, src/plan/plan_file.h).
+//  Gpu: resident in GPU memory. Cpu: host memory, computed by the CPU (only activations cross
+//  the link). Stream: host memory, copied into a GPU slot when routing picks it. Mixed: host
+//  memory; each step splits its mixed experts between the CPU and streaming so that both paths
+//  finish together (mixed_cpu_fraction of the bytes to the CPU).
+enum class ExpertHome : uint8_t { Gpu, Cpu, Stream, Mixed };
+const char* expert_home_name(ExpertHome h);
+
+struct ExpertPlacement {
+  // home[layer][expert] for the main layers; an empty vector (or an empty layer entry, or a
+  // dense layer) means every expert of it on the GPU.
+  std::vector<std::vector<ExpertHome>> home;
+  double mixed_cpu_fraction = 0.66;  // share of a step's Mixed expert bytes the CPU computes
+  // GPU slots per MoE layer that keep streamed experts after use under a runtime policy
+  // (engine/expert_cache.h: "lru" | "lfu"); 0: every streamed expert is copied on each use.
+  int cache_slots = 0;
+  std::string cache_policy = "lru";
+  int cpu_threads = 0;  // threads of the CPU expert kernels (0: all cores)
+  bool any_host() const;
+};
 
 struct GlmDsaCudaOptions {
   int max_context = 4096;  // cache positions per sequence
@@ -29,6 +51,7 @@ struct GlmDsaCudaOptions {
   // Steps of more than 16 rows (prefill) run their products on tensor cores (activations rounded
   // to BF16); off: as matvecs over 16-row chunks, float32 throughout (tests, exactness).
   bool prefill_gemm = true;
+  ExpertPlacement experts;  // default: every expert on the GPU
 };
 
 // A handle on one sequence's device cache.
