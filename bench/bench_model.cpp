@@ -10,6 +10,9 @@
 //     the measured dense / MoE layer times and bytes.
 // Usage: bench_model MODEL [--prefill 512,4096] [--batch 1,4] [--steps 32] [--layers 78 --dense 3]
 //                    [--synth gguf|fp8]   (writes MODEL first as `bigmoe synth` does if it is missing)
+//                    [--profile-step]      (one eager batch-1 decode step between cudaProfilerStart / Stop,
+//                                           for `ncu --profile-from-start off`)
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -83,16 +86,23 @@ int main(int argc, char** argv) try {
   std::filesystem::path path = argv[1];
   std::vector<int> prefill = {512, 4096}, batches = {1, 4};
   int steps = 32, ext_layers = 78, ext_dense = 3, ctx_prompt = 512;
+  bool profile_step = false;
   std::string synth;
-  for (int i = 2; i + 1 < argc; i += 2) {
-    std::string a = argv[i];
-    if (a == "--prefill") prefill = parse_list(argv[i + 1]);
-    else if (a == "--batch") batches = parse_list(argv[i + 1]);
-    else if (a == "--steps") steps = std::atoi(argv[i + 1]);
-    else if (a == "--layers") ext_layers = std::atoi(argv[i + 1]);
-    else if (a == "--dense") ext_dense = std::atoi(argv[i + 1]);
-    else if (a == "--prompt") ctx_prompt = std::atoi(argv[i + 1]);
-    else if (a == "--synth") synth = argv[i + 1];
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--profile-step") {
+      profile_step = true;
+      continue;
+    }
+    if (i + 1 >= argc) fail("option {} needs a value", a);
+    const char* v = argv[++i];
+    if (a == "--prefill") prefill = parse_list(v);
+    else if (a == "--batch") batches = parse_list(v);
+    else if (a == "--steps") steps = std::atoi(v);
+    else if (a == "--layers") ext_layers = std::atoi(v);
+    else if (a == "--dense") ext_dense = std::atoi(v);
+    else if (a == "--prompt") ctx_prompt = std::atoi(v);
+    else if (a == "--synth") synth = v;
     else fail("unknown option {}", a);
   }
   cudaDeviceProp prop{};
@@ -118,7 +128,7 @@ int main(int argc, char** argv) try {
   int max_batch = 1;
   for (int b : batches) max_batch = std::max(max_batch, b);
   cuda::GlmDsaCudaOptions o;
-  o.max_context = std::max(max_prefill, ctx_prompt) + steps + 8;
+  o.max_context = std::max(max_prefill, ctx_prompt + steps + 3 + 9 + 1) + 8;  // prompt, timed + profiled steps
   o.max_sequences = max_batch;
   o.max_rows = std::max({max_prefill, ctx_prompt, 16});
   o.progress = true;
@@ -186,6 +196,13 @@ int main(int argc, char** argv) try {
         runs.push_back(g.layer_ms());
       }
       g.set_profiling(false);
+      if (profile_step) {
+        g.set_graphs(false);
+        cuda::check(cudaProfilerStart(), "cudaProfilerStart");
+        g.forward(ptr, {{tok(rng)}}, true);
+        cuda::check(cudaProfilerStop(), "cudaProfilerStop");
+        g.set_graphs(true);
+      }
       layer_ms.assign(runs[0].size(), 0.f);
       for (size_t l = 0; l < layer_ms.size(); ++l) {
         std::vector<double> v;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -280,6 +281,83 @@ TEST_F(CudaMatvec, LargeRowCounts) {
   for (auto f : {WeightFormat::BF16, WeightFormat::FP8_E4M3, WeightFormat::Q8_0, WeightFormat::Q4_K, WeightFormat::Q6_K,
                  WeightFormat::F32})
     check(f, 6145, 512);
+}
+
+TEST_F(CudaMatvec, MultiOutput) {
+  // matvec_multi: matrices stacked by rows, one launch, each part to its own output. Every part
+  // against the reference; each output buffer has a NaN tail that must stay NaN (no part writes
+  // past its rows or into another's).
+  struct Case {
+    WeightFormat f;
+    std::vector<int> outs;
+    int in;
+  };
+  const std::vector<Case> cases = {
+      {WeightFormat::Q8_0, {2048, 576, 128, 32}, 6144},  // GLM-5.2: q_a, kv_a, indexer wk, weights_proj
+      {WeightFormat::Q8_0, {16384, 4096}, 2048},         // q_b, indexer wq_b
+      {WeightFormat::Q4_K, {37, 64, 5}, 512},
+      {WeightFormat::BF16, {96, 40}, 1104},
+      {WeightFormat::F32, {3, 9, 1}, 64},
+      {WeightFormat::FP8_E4M3, {256, 128, 37}, 1000},  // every part but the last whole 128-row blocks
+  };
+  for (const auto& c : cases) {
+    int total = 0;
+    for (int o : c.outs) total += o;
+    std::vector<float> scale, deq;
+    auto w = random_weights(c.f, total, c.in, scale, deq);
+    DeviceBuffer<uint8_t> dw(w.size());
+    dw.upload(w);
+    DeviceBuffer<float> ds(scale.size());
+    if (!scale.empty()) ds.upload(scale);
+    for (int B : {1, 3, 16}) {
+      auto x = randn(size_t(B) * c.in);
+      DeviceBuffer<float> dx(x.size());
+      dx.upload(x);
+      std::vector<std::unique_ptr<DeviceBuffer<float>>> dy;
+      std::vector<float*> ys;
+      for (int o : c.outs) {
+        dy.push_back(std::make_unique<DeviceBuffer<float>>(size_t(B) * o + 64));
+        dy.back()->poison();
+        ys.push_back(dy.back()->p);
+      }
+      cuda::matvec_multi(c.f, dw.p, scale.empty() ? nullptr : ds.p, 128, 128, c.outs.data(), ys.data(),
+                         int(c.outs.size()), c.in, dx.p, B);
+      cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+      int row0 = 0, bad = 0;
+      for (size_t p = 0; p < c.outs.size(); ++p) {
+        const int n = c.outs[p];
+        auto y = dy[p]->download();
+        for (size_t i = size_t(B) * n; i < y.size(); ++i)
+          if (!std::isnan(y[i]) && bad++ < 5) ADD_FAILURE() << "part " << p << " written past its end at " << i;
+        for (int b = 0; b < B; ++b)
+          for (int o = 0; o < n; ++o) {
+            double ref = 0, mag = 0;
+            const float* wr = &deq[size_t(row0 + o) * c.in];
+            for (int i = 0; i < c.in; ++i) {
+              ref += double(wr[i]) * x[size_t(b) * c.in + i];
+              mag += std::abs(double(wr[i]) * x[size_t(b) * c.in + i]);
+            }
+            const float got = y[size_t(b) * n + o];
+            if (!(std::abs(got - ref) <= tol_of(c.f) * mag + 1e-30) && bad++ < 5)
+              ADD_FAILURE() << cuda::weight_format_name(c.f) << " part " << p << " B=" << B << " b=" << b << " o=" << o
+                            << ": got " << got << " want " << ref;
+          }
+        row0 += n;
+      }
+      ASSERT_EQ(bad, 0) << cuda::weight_format_name(c.f) << " B=" << B;
+    }
+  }
+  // FP8 parts must line up with the scale blocks, except the last.
+  std::vector<float> scale, deq;
+  auto w = random_weights(WeightFormat::FP8_E4M3, 200, 256, scale, deq);
+  DeviceBuffer<uint8_t> dw(w.size());
+  dw.upload(w);
+  DeviceBuffer<float> ds(scale.size()), dx(256), dy(400);
+  ds.upload(scale);
+  const int outs[2] = {100, 100};
+  float* ys[2] = {dy.p, dy.p + 200};
+  EXPECT_THROW(cuda::matvec_multi(WeightFormat::FP8_E4M3, dw.p, ds.p, 128, 128, outs, ys, 2, 256, dx.p, 1), Error);
+  EXPECT_THROW(cuda::matvec_multi(WeightFormat::Q8_0, dw.p, nullptr, 128, 128, outs, ys, 5, 256, dx.p, 1), Error);
 }
 
 TEST_F(CudaMatvec, GroupedDense) {

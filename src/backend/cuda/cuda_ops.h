@@ -43,6 +43,13 @@ void matvec(WeightFormat fmt, const void* w, const float* scale, int out, int in
 void matvec_fp8(const void* w, const float* scale, int bo, int bi, int out, int in, const float* x, int B, float* y,
                 CUstream_st* stream = nullptr);
 
+// Fused matvec over n <= 4 matrices stacked by rows that read the same x (e.g. q_a, kv_a and the
+// indexer's key projection): W is [Σ outs, in] in one format (FP8: scale blocks bo x bi, every
+// part but the last a whole number of bo rows), and rows [Σ_{j<p} outs[j], Σ_{j<=p} outs[j])
+// go to ys[p] as [B, outs[p]]. One launch instead of n; same math as n matvecs.
+void matvec_multi(WeightFormat fmt, const void* w, const float* scale, int bo, int bi, const int* outs, float* const* ys,
+                  int n, int in, const float* x, int B, CUstream_st* stream = nullptr);
+
 // Grouped (MoE) matvec: for each slot s < S, y[s, :] = W_{ids[s]} · x[s / x_div, :], where expert
 // e's weight is at w + e * w_stride bytes (FP8: its scales at scale + e * scale_stride floats,
 // blocks bo x bi). ids: device int [S], read on the device (no host sync, graph-capturable);

@@ -61,6 +61,15 @@ struct DevExperts {
   size_t bytes_per_expert = 0;
 };
 
+// Matrices that read the same input, stacked by rows in one allocation so that a decode step
+// reads them in one launch (matvec_multi). The parts stay usable alone: their DevLinears point
+// into the stack (prefill, accounting). `parts` / `solo` are indices into the caller's list.
+struct DevFused {
+  DevLinear all;           // the stack; present only when >= 2 parts were fused
+  std::vector<int> parts;  // fused, in stacking order
+  std::vector<int> solo;   // present but launched alone (another format or shape)
+};
+
 struct DevBlock {
   const float* input_norm = nullptr;
   const float* post_norm = nullptr;
@@ -80,6 +89,9 @@ struct DevBlock {
   const float* correction_bias = nullptr;
   DevExperts exp_gate, exp_up, exp_down;
   DevLinear sh_gate, sh_up, sh_down;
+  // Fused decode launches: on h {q_a | q_proj, kv_a, indexer wk, indexer weights_proj}, on the
+  // normed q_a output {q_b, indexer wq_b}, and {gate, up} of the dense MLP / shared expert.
+  DevFused f_h, f_cq, f_gu, f_sh;
 };
 
 // Per-sequence, per-layer cache: what the absorbed attention and the indexer read.
@@ -240,6 +252,68 @@ struct GlmDsaCuda::Impl {
     return d;
   }
 
+  // Places the present Linears of `ls` (into `ds`), stacking those that share the first one's
+  // placed format, input width (and FP8 scale blocks) into one allocation when at least two do.
+  // FP8: every stacked part but the last must be a whole number of scale-block rows, so the stack's
+  // scale rows line up; a part whose bytes are not a multiple of 16 is not stacked (each part's
+  // view must stay 16-byte aligned for the kernels).
+  DevFused place_group(const std::vector<const Linear*>& ls, const std::vector<DevLinear*>& ds, const std::string& what) {
+    DevFused f;
+    std::vector<int> cand;
+    WeightFormat fmt = WeightFormat::F32;
+    const Linear* first = nullptr;
+    for (size_t i = 0; i < ls.size(); ++i) {
+      const Linear& l = *ls[i];
+      if (!l.present()) continue;
+      const WeightFormat pf = placed_format(l);
+      if (!first) first = &l, fmt = pf;
+      const bool same = pf == fmt && l.in == first->in && (pf != WeightFormat::FP8_E4M3 || (l.bo == first->bo && l.bi == first->bi));
+      if (same && placed_bytes(l, pf) % 16 == 0) cand.push_back(int(i));
+      else f.solo.push_back(int(i));
+    }
+    if (fmt == WeightFormat::FP8_E4M3 && !cand.empty()) {
+      std::stable_partition(cand.begin(), cand.end(), [&](int i) { return ls[i]->out % ls[i]->bo == 0; });
+      while (cand.size() >= 2 && ls[cand[cand.size() - 2]]->out % ls[cand[cand.size() - 2]]->bo != 0) {
+        f.solo.push_back(cand[cand.size() - 2]);
+        cand.erase(cand.end() - 2);
+      }
+    }
+    if (cand.size() < 2) {
+      for (int i : cand) f.solo.push_back(i);
+      cand.clear();
+    }
+    for (int i : f.solo) *ds[i] = place(*ls[i], what);
+    if (cand.empty()) return f;
+    size_t wb = 0, sc = 0;
+    int out = 0;
+    for (int i : cand) {
+      wb += placed_bytes(*ls[i], fmt);
+      sc += fmt == WeightFormat::FP8_E4M3 ? scale_count(*ls[i]) : 0;
+      out += ls[i]->out;
+    }
+    std::vector<uint8_t> host(wb);
+    std::vector<float> shost(sc);
+    size_t wo = 0, so = 0;
+    for (int i : cand) {
+      placed_data(*ls[i], fmt, host.data() + wo, shost.data() + so);
+      wo += placed_bytes(*ls[i], fmt);
+      so += fmt == WeightFormat::FP8_E4M3 ? scale_count(*ls[i]) : 0;
+    }
+    uint8_t* dw = upload(host.data(), wb, what);
+    float* dsc = sc ? upload(shost.data(), sc, what + " scales") : nullptr;
+    f.all = DevLinear{fmt, dw, dsc, first->bo ? first->bo : 128, first->bi ? first->bi : 128, out, first->in, wb + sc * 4};
+    wo = so = 0;
+    for (int i : cand) {
+      const Linear& l = *ls[i];
+      const size_t b = placed_bytes(l, fmt), c = fmt == WeightFormat::FP8_E4M3 ? scale_count(l) : 0;
+      *ds[i] = DevLinear{fmt, dw + wo, c ? dsc + so : nullptr, f.all.bo, f.all.bi, l.out, l.in, b + c * 4};
+      wo += b;
+      so += c;
+    }
+    f.parts = cand;
+    return f;
+  }
+
   // All experts of one projection in one allocation, expert e at e * stride.
   DevExperts place_experts(const std::vector<Linear>& ls, const std::string& what) {
     DevExperts d;
@@ -316,27 +390,26 @@ struct GlmDsaCuda::Impl {
     b.input_norm = upload_vec(w.input_norm, p + "input_norm");
     b.post_norm = upload_vec(w.post_norm, p + "post_norm");
     const MlaWeights& a = w.attn;
-    b.q_proj = place(a.q_proj, p + "q_proj");
-    b.q_a = place(a.q_a, p + "q_a");
+    const Linear none;
+    b.indexer_full = w.indexer_full;
+    const bool ix = w.indexer_full;
+    const bool ql = a.q_a.present();
+    b.f_h = place_group({ql ? &a.q_a : &a.q_proj, &a.kv_a, ix ? &a.idx_wk : &none, ix ? &a.idx_weights_proj : &none},
+                        {ql ? &b.q_a : &b.q_proj, &b.kv_a, &b.idx_wk, &b.idx_weights_proj},
+                        p + "q_a / kv_a / indexer wk, weights_proj");
     b.q_a_norm = upload_vec(a.q_a_norm, p + "q_a_norm");
-    b.q_b = place(a.q_b, p + "q_b");
-    b.kv_a = place(a.kv_a, p + "kv_a");
+    b.f_cq = place_group({&a.q_b, ix ? &a.idx_wq_b : &none}, {&b.q_b, &b.idx_wq_b}, p + "q_b / indexer wq_b");
     b.kv_a_norm = upload_vec(a.kv_a_norm, p + "kv_a_norm");
     place_kv_b(a.kv_b, b, p + "kv_b");
     b.o = place(a.o, p + "o_proj");
-    b.indexer_full = w.indexer_full;
-    if (w.indexer_full) {
-      b.idx_wq_b = place(a.idx_wq_b, p + "indexer.wq_b");
-      b.idx_wk = place(a.idx_wk, p + "indexer.wk");
+    if (ix) {
       b.idx_k_norm_w = upload_vec(a.idx_k_norm_w, p + "indexer.k_norm");
       b.idx_k_norm_b = upload_vec(a.idx_k_norm_b, p + "indexer.k_norm bias");
-      b.idx_weights_proj = place(a.idx_weights_proj, p + "indexer.weights_proj");
     }
     const FfnWeights& f = w.ffn;
     b.moe = f.moe;
     if (!f.moe) {
-      b.gate = place(f.gate, p + "mlp.gate_proj");
-      b.up = place(f.up, p + "mlp.up_proj");
+      b.f_gu = place_group({&f.gate, &f.up}, {&b.gate, &b.up}, p + "mlp.gate_proj / up_proj");
       b.down = place(f.down, p + "mlp.down_proj");
     } else {
       b.router = place(f.router, p + "mlp.gate");
@@ -344,8 +417,7 @@ struct GlmDsaCuda::Impl {
       b.exp_gate = place_experts(f.exp_gate, p + "experts.gate_proj");
       b.exp_up = place_experts(f.exp_up, p + "experts.up_proj");
       b.exp_down = place_experts(f.exp_down, p + "experts.down_proj");
-      b.sh_gate = place(f.sh_gate, p + "shared_experts.gate_proj");
-      b.sh_up = place(f.sh_up, p + "shared_experts.up_proj");
+      b.f_sh = place_group({&f.sh_gate, &f.sh_up}, {&b.sh_gate, &b.sh_up}, p + "shared_experts.gate_proj / up_proj");
       b.sh_down = place(f.sh_down, p + "shared_experts.down_proj");
     }
     return b;
@@ -418,6 +490,21 @@ struct GlmDsaCuda::Impl {
   void linear(const DevLinear& l, const float* xin, int T, float* yout) {
     product(l.fmt, l.w, l.scale, l.bo, l.bi, l.out, l.in, xin, T, yout);
   }
+  // The products of one DevFused group: lin[i] x -> outs[i] for every present part, one launch
+  // for the stacked parts in a decode step.
+  void linear_group(const DevFused& f, const std::vector<const DevLinear*>& lin, const std::vector<float*>& outs,
+                    const float* xin, int T) {
+    if (f.all.present() && T <= kDecodeRows) {
+      int o[4];
+      float* ys[4];
+      for (size_t i = 0; i < f.parts.size(); ++i) o[i] = lin[f.parts[i]]->out, ys[i] = outs[f.parts[i]];
+      matvec_multi(f.all.fmt, f.all.w, f.all.scale, f.all.bo, f.all.bi, o, ys, int(f.parts.size()), f.all.in, xin, T,
+                   stream);
+    } else {
+      for (int i : f.parts) linear(*lin[i], xin, T, outs[i]);
+    }
+    for (int i : f.solo) linear(*lin[i], xin, T, outs[i]);
+  }
   // Decode-sized batches: matvec; more rows: BF16 tensor cores, or (opt.prefill_gemm off)
   // matvec over chunks of 16 rows, float32 throughout.
   void product(WeightFormat f, const void* w, const float* scale, int bo, int bi, int out, int in, const float* xin,
@@ -443,17 +530,13 @@ struct GlmDsaCuda::Impl {
     const int qkh = nope + rope, vd = c.v_head_dim, ql = c.q_lora_rank;
     const cpu::Rope& mr = model.rope();
     // Query: q_b(RMSNorm(q_a h)) or q_proj h.
+    // The products of h (fused in a decode step): the query's first projection, kv_a, and the
+    // indexer's key and head-weight projections (its keys for every row, into kbuf).
+    linear_group(b.f_h, {ql > 0 ? &b.q_a : &b.q_proj, &b.kv_a, &b.idx_wk, &b.idx_weights_proj},
+                 {ql > 0 ? cq : q, kv, kbuf, wts}, h, R);
     if (ql > 0) {
-      linear(b.q_a, h, R, cq);
       rms_norm(cq, b.q_a_norm, R, ql, float(kLoraNormEps), cq, stream);
-      linear(b.q_b, cq, R, q);
-    } else {
-      linear(b.q_proj, h, R, q);
-    }
-    linear(b.kv_a, h, R, kv);
-    if (b.indexer_full) {
-      linear(b.idx_wq_b, cq, R, qi);
-      linear(b.idx_weights_proj, h, R, wts);
+      linear_group(b.f_cq, {&b.q_b, &b.idx_wq_b}, {q, qi}, cq, R);
     }
     // Absorb: q̃ = W_UKᵀ q_nope for every row, and q_pe gathered contiguous (roped below).
     head_matvec(b.kvb_fmt, b.wuk_t, H, kvr, nope, q, H * qkh, qkh, R, qt, stream);
@@ -484,7 +567,6 @@ struct GlmDsaCuda::Impl {
         float* qis = qi + size_t(r0) * Hi * Di;
         cuda::rope(qis, T * Hi, Di, 0, ir.dim, Hi, pos0, idx_rope_freq, ir.attention_factor, ir.interleave, stream, pd);
         float* ks = kbuf + size_t(r0) * Di;
-        linear(b.idx_wk, h + size_t(r0) * c.hidden_size, T, ks);
         layer_norm(ks, b.idx_k_norm_w, b.idx_k_norm_b, T, Di, float(kIndexerNormEps), ks, stream);
         cuda::rope(ks, T, Di, 0, ir.dim, 1, pos0, idx_rope_freq, ir.attention_factor, ir.interleave, stream, pd);
         to_cache(lc.idx_k, Di, pd, pos0, ks, Di, T, Di);
@@ -522,8 +604,7 @@ struct GlmDsaCuda::Impl {
   void ffn(const DevBlock& b, int R) {
     const int d = c.hidden_size;
     if (!b.moe) {
-      linear(b.gate, h, R, ffn_g);
-      linear(b.up, h, R, ffn_u);
+      linear_group(b.f_gu, {&b.gate, &b.up}, {ffn_g, ffn_u}, h, R);
       silu_mul(ffn_g, ffn_u, size_t(R) * b.gate.out, ffn_g, stream);
       linear(b.down, ffn_g, R, y);
       add_inplace(x, y, size_t(R) * d, stream);
@@ -545,8 +626,7 @@ struct GlmDsaCuda::Impl {
     }
     const float* shared = nullptr;
     if (b.sh_gate.present()) {
-      linear(b.sh_gate, h, R, ffn_g);
-      linear(b.sh_up, h, R, ffn_u);
+      linear_group(b.f_sh, {&b.sh_gate, &b.sh_up}, {ffn_g, ffn_u}, h, R);
       silu_mul(ffn_g, ffn_u, size_t(R) * b.sh_gate.out, ffn_g, stream);
       linear(b.sh_down, ffn_g, R, ys);
       shared = ys;

@@ -11,7 +11,8 @@
 //    in flight per lane. FP8 multiplies each weight by its 128x128 block scale, as the reference.
 //  * Q8_0 / Q4_K / Q6_K: ggml blocks are 34 / 144 / 210 bytes, not multiples of 16, so the warp
 //    copies a run of blocks (about 1-2 KB per row) into its own shared-memory buffer with coalesced
-//    16-byte loads (a warp owns R rows, 4 at B <= 2 else 2, so each x load serves R rows). Each lane
+//    16-byte cp.async copies (a warp owns R rows, 4 at B <= 2 else 2, so each x load serves R rows),
+//    two buffers per warp: the next run is in flight while this one is decoded. Each lane
 //    then takes a fixed task per block (Q8_0 8 weights, Q4_K 16, Q6_K 32; groups of 4 lanes read
 //    whole 128-byte lines of x) and decodes without I2F: PRMT puts a quant byte into a float's
 //    mantissa (128 + q, or 2^23 + u for Q8_0), the lane sums (128 + q)·x and x, and applies the
@@ -20,6 +21,8 @@
 //    128x128 (matvec_fp8) uses the same kernel with runtime block sizes when bi % 16 == 0.
 //  * BF16 / FP8 / F32 rows whose length breaks 16-byte alignment (or FP8 blocks with bi % 16 != 0)
 //    take a scalar fallback kernel.
+//  * Fused launches (matvec_multi): matrices with the same input stacked by rows; only the store
+//    differs (OutSplit sends each row to its part's output).
 //  * Grouped (MoE) launches: blockIdx.y is the slot; each block reads its slot's expert id at the
 //    start, moves w / scale / x / y to that expert and token (enter_slot), then runs the B = 1
 //    code unchanged. The kernels take a template flag G for this, so that plain matvec code is
@@ -33,6 +36,7 @@
 #include <cstdlib>
 
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/pdl.h"
 #include "util/error.h"
 
 namespace bigmoe::cuda {
@@ -41,6 +45,7 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kChunkUnroll = 4;  // 16-byte chunks in flight per lane (BF16 / FP8)
+constexpr int kMaxParts = 4;     // outputs of one fused launch (matvec_multi)
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -80,10 +85,33 @@ __device__ __forceinline__ void dot_x(const float (&w)[N], const float* __restri
   }
 }
 
+// Fused launches (matvec_multi): rows [end[p - 1], end[p]) of the stacked matrix go to ys[p],
+// row-major [B, end[p] - end[p - 1]]. n == 0: a single output, the kernel's y [B, out].
+struct OutSplit {
+  float* ys[kMaxParts];
+  int end[kMaxParts];
+  int n;
+};
+
+__device__ __forceinline__ void store_out(const OutSplit& os, float* __restrict__ y, int out, int b, int row,
+                                          float v) {
+  if (os.n == 0) {
+    y[size_t(b) * out + row] = v;
+    return;
+  }
+  // Constant indices only, so the parameter struct is never copied to local memory.
+  float* yp = os.ys[0];
+  int start = 0, len = os.end[0];
+#pragma unroll
+  for (int q = 1; q < kMaxParts; ++q)
+    if (q < os.n && row >= os.end[q - 1]) yp = os.ys[q], start = os.end[q - 1], len = os.end[q] - os.end[q - 1];
+  yp[size_t(b) * len + row - start] = v;
+}
+
 // Combines the per-warp sums: warp-reduce, then the KSPLIT warps of a row through shared memory.
 template <int NB>
 __device__ __forceinline__ void finish(float (&acc)[NB], int row, int out, int ks, int ksplit, int B,
-                                       float* __restrict__ y) {
+                                       float* __restrict__ y, const OutSplit& os) {
   __shared__ float red[kWarps][NB];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -92,7 +120,7 @@ __device__ __forceinline__ void finish(float (&acc)[NB], int row, int out, int k
     if (row < out && lane == 0) {
 #pragma unroll
       for (int b = 0; b < NB; ++b)
-        if (b < B) y[size_t(b) * out + row] = acc[b];
+        if (b < B) store_out(os, y, out, b, row, acc[b]);
     }
     return;
   }
@@ -105,7 +133,7 @@ __device__ __forceinline__ void finish(float (&acc)[NB], int row, int out, int k
   if (ks == 0 && row < out && lane < B) {
     float s = 0.f;
     for (int k = 0; k < ksplit; ++k) s += red[warp + k][lane];
-    y[size_t(lane) * out + row] = s;
+    store_out(os, y, out, lane, row, s);
   }
 }
 
@@ -146,7 +174,8 @@ constexpr int dense_epc(Dense k) { return is_fp8(k) ? 16 : k == Dense::BF16 ? 8 
 template <Dense K, int NB, int R, bool G>
 __global__ void __launch_bounds__(kThreads) matvec_dense(const uint8_t* __restrict__ w, const float* __restrict__ scale,
                                                          int bo, int bi, int out, int in, const float* __restrict__ x,
-                                                         int B, float* __restrict__ y, int ksplit, Slots sl) {
+                                                         int B, float* __restrict__ y, int ksplit, Slots sl,
+                                                         OutSplit os) {
   // R consecutive rows per warp: each x value loaded from L1 serves R rows (x loads, not
   // weight bytes, bound the single-row version).
   constexpr bool FP8 = is_fp8(K);
@@ -154,6 +183,8 @@ __global__ void __launch_bounds__(kThreads) matvec_dense(const uint8_t* __restri
   constexpr int U = R >= 4 ? 2 : kChunkUnroll;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = (blockIdx.x * (kWarps / ksplit) + warp / ksplit) * R, ks = warp % ksplit;
+  pdl_trigger();
+  pdl_wait();
   if constexpr (G)
     if (!enter_slot(sl, w, scale, x, y, out, in, blockIdx.x * (kWarps / ksplit) * R, (kWarps / ksplit) * R)) return;
   float acc[R][NB];
@@ -232,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) matvec_dense(const uint8_t* __restri
     }
   }
 #pragma unroll
-  for (int r = 0; r < R; ++r) finish<NB>(acc[r], row0 + r, out, ks, ksplit, B, y);
+  for (int r = 0; r < R; ++r) finish<NB>(acc[r], row0 + r, out, ks, ksplit, B, y, os);
 }
 
 // Scalar fallback for BF16 / FP8 / F32 rows that are not 16-byte aligned (any in), and FP8 scale
@@ -241,9 +272,11 @@ template <Dense K, int NB, bool G>
 __global__ void __launch_bounds__(kThreads) matvec_dense_scalar(const uint8_t* __restrict__ w,
                                                                 const float* __restrict__ scale, int bo, int bi,
                                                                 int out, int in, const float* __restrict__ x, int B,
-                                                                float* __restrict__ y, Slots sl) {
+                                                                float* __restrict__ y, Slots sl, OutSplit os) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row = blockIdx.x * kWarps + warp;
+  pdl_trigger();
+  pdl_wait();
   if constexpr (G)
     if (!enter_slot(sl, w, scale, x, y, out, in, blockIdx.x * kWarps, kWarps)) return;
   float acc[NB];
@@ -266,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) matvec_dense_scalar(const uint8_t* _
       for (int b = 0; b < NB; ++b) acc[b] = fmaf(wv, x[size_t(b < B ? b : B - 1) * in + i], acc[b]);
     }
   }
-  finish<NB>(acc, row, out, 0, 1, B, y);
+  finish<NB>(acc, row, out, 0, 1, B, y, os);
 }
 
 // ---- ggml quant formats: stage blocks in shared memory, decode 32 weights per lane ----
@@ -331,22 +364,47 @@ struct QTask<WeightFormat::Q6_K> {
   static constexpr int LANES = 8;
 };
 
+// cp.async of 16 bytes global -> shared, zero-filling past `bytes` (0..16) of the source.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+  const uint32_t d = uint32_t(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+template <WeightFormat F, int R>
+struct QStage {
+  using T = QTraits<F>;
+  static constexpr int GR = T::G / R;                             // blocks per row and step
+  static constexpr int STAGE = (GR * T::BS + 32 + 15) / 16 * 16;  // bytes, + misalignment + lds8_a2 overread
+  static constexpr int MAXC = (STAGE / 16 + 31) / 32;             // 16-byte chunks per lane and row
+  static constexpr size_t smem = size_t(2) * kWarps * R * STAGE;  // two stages per warp (dynamic shared memory)
+};
+
+extern __shared__ uint4 matvec_qsmem[];
+
 template <WeightFormat F, int NB, int R, bool G>
 __global__ void __launch_bounds__(kThreads) matvec_quant(const uint8_t* __restrict__ w, int out, int in,
                                                          const float* __restrict__ x, int B,
-                                                         float* __restrict__ y, int ksplit, Slots sl) {
+                                                         float* __restrict__ y, int ksplit, Slots sl, OutSplit os) {
   using T = QTraits<F>;
-  constexpr int GR = T::G / R;                                // blocks per row and step
-  constexpr int STAGE = (GR * T::BS + 32 + 15) / 16 * 16;     // bytes, + misalignment + lds8_a2 overread
-  constexpr int MAXC = (STAGE / 16 + 31) / 32;                // 16-byte chunks per lane and row
+  using S = QStage<F, R>;
+  constexpr int GR = S::GR, STAGE = S::STAGE, MAXC = S::MAXC;
   constexpr int LANES_PER_BLOCK = QTask<F>::LANES;            // lanes sharing one block
   constexpr int BLOCKS_PER_PASS = 32 / LANES_PER_BLOCK;
-  __shared__ __align__(16) uint8_t stage[kWarps][R][STAGE];
+  // Two stages per warp: the run of blocks of step i + 1 is in flight (cp.async) while step i
+  // is decoded, so a warp always has loads outstanding.
+  uint8_t* const wstage = reinterpret_cast<uint8_t*>(matvec_qsmem) + size_t(threadIdx.x >> 5) * 2 * R * STAGE;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = (blockIdx.x * (kWarps / ksplit) + warp / ksplit) * R, ks = warp % ksplit;
   const int li = lane % LANES_PER_BLOCK;  // the lane's task inside a block (fixed)
+  pdl_trigger();
   if constexpr (G) {
+    pdl_wait();  // the expert ids come from the kernel before
     const float* __restrict__ no_scale = nullptr;
     if (!enter_slot(sl, w, no_scale, x, y, out, in, blockIdx.x * (kWarps / ksplit) * R, (kWarps / ksplit) * R)) return;
   }
@@ -361,39 +419,40 @@ __global__ void __launch_bounds__(kThreads) matvec_quant(const uint8_t* __restri
     const uintptr_t wend = reinterpret_cast<uintptr_t>(w) + size_t(out) * row_bytes;
     const int per = (nb + ksplit - 1) / ksplit;
     const int g0 = ks * per, g1 = min(nb, g0 + per);
-    for (int g = g0; g < g1; g += GR) {
+    // Row r's bytes of step g: from the 16-byte boundary at or below its first block.
+    auto row_start = [&](int r, int g) {
+      const int row = min(row0 + r, out - 1);  // rows past the end re-read the last row, unused
+      return reinterpret_cast<uintptr_t>(w) + size_t(row) * row_bytes + size_t(g) * T::BS;
+    };
+    auto issue = [&](int g, int buf) {
       const int nblk = min(GR, g1 - g);
-      int off[R];
-      uint4 v[R][MAXC];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const int row = min(row0 + r, out - 1);  // rows past the end re-read the last row, unused
-        const uintptr_t start = reinterpret_cast<uintptr_t>(w) + size_t(row) * row_bytes + size_t(g) * T::BS;
-        const uintptr_t base = start & ~uintptr_t(15);
-        off[r] = int(start - base);
+        const uintptr_t start = row_start(r, g), base = start & ~uintptr_t(15);
         const int nch = int((start + size_t(nblk) * T::BS - base + 15) / 16);
+        uint8_t* dst = wstage + size_t(buf * R + r) * STAGE;
 #pragma unroll
         for (int j = 0; j < MAXC; ++j) {
           const int c = lane + 32 * j;
           const uintptr_t a = base + 16 * size_t(c);
-          if (c < nch) {
-            if (a + 16 <= wend) {
-              v[r][j] = __ldcs(reinterpret_cast<const uint4*>(a));
-            } else {  // the matrix ends inside this chunk
-              uint8_t tmp[16] = {};
-              for (int t = 0; a + t < wend; ++t) tmp[t] = reinterpret_cast<const uint8_t*>(a)[t];
-              v[r][j] = *reinterpret_cast<const uint4*>(tmp);
-            }
-          }
+          if (c < nch && c < STAGE / 16)
+            cp_async16(dst + 16 * c, reinterpret_cast<const void*>(a), a + 16 <= wend ? 16 : int(wend - a));
         }
       }
+    };
+    int buf = 0;
+    if (g0 < g1) issue(g0, 0);
+    cp_async_commit();
+    pdl_wait();  // weights need nothing from the kernel before; x does (and y may be its input)
+    for (int g = g0; g < g1; g += GR) {
+      const int nblk = min(GR, g1 - g);
+      if (g + GR < g1) issue(g + GR, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();  // every group but the newest: this step's bytes have landed
       __syncwarp();
+      const uint8_t* sb[R];
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int j = 0; j < MAXC; ++j)
-          if (lane + 32 * j < STAGE / 16) reinterpret_cast<uint4*>(stage[warp][r])[lane + 32 * j] = v[r][j];
-      __syncwarp();
+      for (int r = 0; r < R; ++r) sb[r] = wstage + size_t(buf * R + r) * STAGE + (row_start(r, g) & 15);
       for (int p = 0; p < nblk; p += BLOCKS_PER_PASS) {
         const int blk = p + lane / LANES_PER_BLOCK;
         if (blk >= nblk) continue;
@@ -402,7 +461,7 @@ __global__ void __launch_bounds__(kThreads) matvec_quant(const uint8_t* __restri
           float q[R][8], d[R];
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            const uint8_t* bp = stage[warp][r] + off[r] + blk * T::BS;
+            const uint8_t* bp = sb[r] + blk * T::BS;
             d[r] = half_at(bp);
             const uint2 u = lds8_a2(bp + 2 + 8 * li);
             const uint32_t u0 = u.x ^ 0x80808080u, u1 = u.y ^ 0x80808080u;
@@ -430,7 +489,7 @@ __global__ void __launch_bounds__(kThreads) matvec_quant(const uint8_t* __restri
           float dl0[R], ml0[R], dl1[R], ml1[R];
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            const uint8_t* bp = stage[warp][r] + off[r] + blk * T::BS;  // 16-byte aligned (off = 0)
+            const uint8_t* bp = sb[r] + blk * T::BS;  // 16-byte aligned (off = 0)
             const uint4 h = *reinterpret_cast<const uint4*>(bp);
             const uint2 qv = *reinterpret_cast<const uint2*>(bp + 16 + 32 * k + l0);
             const float2 dd = __half22float2(*reinterpret_cast<const __half2*>(&h.x));
@@ -481,7 +540,7 @@ __global__ void __launch_bounds__(kThreads) matvec_quant(const uint8_t* __restri
           float dsc[R][4];
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            const uint8_t* bp = stage[warp][r] + off[r] + blk * T::BS;  // 2-byte aligned
+            const uint8_t* bp = sb[r] + blk * T::BS;  // 2-byte aligned
             const uint2 qa = lds8_a2(bp + 64 * h + l0), qb = lds8_a2(bp + 64 * h + 32 + l0);
             const uint2 qh = lds8_a2(bp + 128 + 32 * h + l0);
             const uint32_t a2[2] = {qa.x, qa.y}, b2[2] = {qb.x, qb.y}, h2[2] = {qh.x, qh.y};
@@ -518,11 +577,14 @@ __global__ void __launch_bounds__(kThreads) matvec_quant(const uint8_t* __restri
           }
         }
       }
-      __syncwarp();  // the next step overwrites the stage
+      __syncwarp();  // the next step's issue overwrites this stage
+      buf ^= 1;
     }
+  } else {
+    pdl_wait();
   }
 #pragma unroll
-  for (int r = 0; r < R; ++r) finish<NB>(acc[r], row0 + r, out, ks, ksplit, B, y);
+  for (int r = 0; r < R; ++r) finish<NB>(acc[r], row0 + r, out, ks, ksplit, B, y, os);
 }
 
 int sm_count() {
@@ -538,7 +600,7 @@ int sm_count() {
 // Warps per row: enough warps in all to fill the GPU, while each keeps >= min_units of work.
 // `rows` counts the rows of all slots of a grouped launch.
 int choose_ksplit(long rows, int units_per_row, int min_units) {
-  const long target = long(sm_count()) * 48;
+  const long target = long(sm_count()) * 48;  // warps
   int k = 1;
   while (k < kWarps && rows * k < target && units_per_row / (2 * k) >= min_units) k *= 2;
   return k;
@@ -567,14 +629,25 @@ struct Problem {
   float* y;
   Slots sl;
   int S;
+  OutSplit os;  // n == 0 unless matvec_multi
 };
 
 template <WeightFormat F, int NB, int R, bool G>
 void launch_quant_r(const Problem& p, cudaStream_t s) {
+  using St = QStage<F, R>;
+  static const bool attr = [] {  // the two stages exceed the 48 KB a launch gets by default
+    check(cudaFuncSetAttribute(matvec_quant<F, NB, R, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(St::smem)),
+          "cudaFuncSetAttribute (matvec)");
+    return true;
+  }();
+  (void)attr;
   const int rows = (p.out + R - 1) / R;
-  const int k = choose_ksplit(long(rows) * p.S, p.in / QTraits<F>::QK, F == WeightFormat::Q8_0 ? 64 : 16);
+  // Split K down to about one staged step per warp, so that short matrices still fill the GPU.
+  const int k = choose_ksplit(long(rows) * p.S, p.in / QTraits<F>::QK, std::max(1, St::GR / 2));
   const dim3 g(unsigned((rows + kWarps / k - 1) / (kWarps / k)), unsigned(p.S));
-  matvec_quant<F, NB, R, G><<<g, kThreads, 0, s>>>(p.w, p.out, p.in, p.x, p.B, p.y, k, p.sl);
+  check(pdl_launch(matvec_quant<F, NB, R, G>, g, dim3(kThreads), St::smem, s, p.w, p.out, p.in, p.x, p.B, p.y, k, p.sl,
+                   p.os),
+        "matvec launch");
 }
 
 template <WeightFormat F, int NB>
@@ -598,13 +671,17 @@ void launch_dense(const Problem& p, cudaStream_t s) {
   const int rows = (p.out + R - 1) / R;
   const int k = choose_ksplit(long(rows) * p.S, p.in / dense_epc(K), 64);
   const dim3 g(unsigned((rows + kWarps / k - 1) / (kWarps / k)), unsigned(p.S));
-  matvec_dense<K, NB, R, G><<<g, kThreads, 0, s>>>(p.w, p.scale, p.bo, p.bi, p.out, p.in, p.x, p.B, p.y, k, p.sl);
+  check(pdl_launch(matvec_dense<K, NB, R, G>, g, dim3(kThreads), 0, s, p.w, p.scale, p.bo, p.bi, p.out, p.in, p.x, p.B,
+                   p.y, k, p.sl, p.os),
+        "matvec launch");
 }
 
 template <Dense K, int NB, bool G>
 void launch_dense_scalar(const Problem& p, cudaStream_t s) {
   const dim3 g(unsigned((p.out + kWarps - 1) / kWarps), unsigned(p.S));
-  matvec_dense_scalar<K, NB, G><<<g, kThreads, 0, s>>>(p.w, p.scale, p.bo, p.bi, p.out, p.in, p.x, p.B, p.y, p.sl);
+  check(pdl_launch(matvec_dense_scalar<K, NB, G>, g, dim3(kThreads), 0, s, p.w, p.scale, p.bo, p.bi, p.out, p.in, p.x,
+                   p.B, p.y, p.sl, p.os),
+        "matvec launch");
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -726,6 +803,28 @@ void matvec_fp8(const void* w, const float* scale, int bo, int bi, int out, int 
   launch_batch({WeightFormat::FP8_E4M3, static_cast<const uint8_t*>(w), scale, bo, bi, out, in, x, B, y,
                 Slots{nullptr, 0, 0, 1}, 1},
                stream);
+}
+
+void matvec_multi(WeightFormat fmt, const void* w, const float* scale, int bo, int bi, const int* outs, float* const* ys,
+                  int n, int in, const float* x, int B, CUstream_st* stream) {
+  BIGMOE_CHECK(n >= 1 && n <= kMaxParts, "matvec_multi: {} outputs outside 1..{}", n, kMaxParts);
+  OutSplit os{};
+  int total = 0;
+  for (int i = 0; i < n; ++i) {
+    BIGMOE_CHECK(outs[i] > 0 && ys[i] != nullptr, "matvec_multi: output {} has {} rows / null pointer", i, outs[i]);
+    if (fmt == WeightFormat::FP8_E4M3 && i + 1 < n)
+      BIGMOE_CHECK(outs[i] % bo == 0, "matvec_multi: FP8 part {} of {} rows is not a whole number of {}-row scale blocks",
+                   i, outs[i], bo);
+    total += outs[i];
+    os.ys[i] = ys[i];
+    os.end[i] = total;
+  }
+  os.n = n;
+  check_args("matvec_multi", fmt, w, scale, bo, bi, total, in, x);
+  BIGMOE_CHECK(B >= 1 && B <= 16, "matvec_multi: batch {} outside 1..16", B);
+  Problem p{fmt, static_cast<const uint8_t*>(w), scale, bo, bi, total, in, x, B, ys[0], Slots{nullptr, 0, 0, 1}, 1};
+  p.os = os;
+  launch_batch(p, stream);
 }
 
 void matvec_grouped(const ExpertWeights& ew, int out, int in, const int* ids, int S, const float* x, int x_div,

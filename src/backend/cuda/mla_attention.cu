@@ -522,13 +522,17 @@ void* attn_workspace(int dev, CUstream_st* stream, size_t need, size_t want) {
 // DSA indexer scores
 constexpr int kIdxThreads = 256;
 constexpr int kIdxWarps = kIdxThreads / 32;
-constexpr int kIdxKeysPerBlock = 64;
+constexpr int kIdxMaxKeysPerBlock = 32;
 constexpr int kIdxMaxDi = 256;
 
-// grid (ceil(N / kIdxKeysPerBlock), T). Dynamic smem: qi [Hi][Di + 1], w [Hi], key [warps][Di].
+// grid (ceil(N / kpb), T), kpb keys per block (8, 16 or 32: fewer when the grid would not fill
+// the GPU). Dynamic smem: qi [Hi][Di + 1], w [Hi], keys [kpb][Di]. The block stages its query,
+// weights and keys with unrolled loops (all loads in flight at once), then each warp scores
+// kpb / 8 keys: lane h takes head h, relu(q_h · k) weighted, summed over the warp.
 __global__ void __launch_bounds__(kIdxThreads)
     indexer_scores_kernel(const float* __restrict__ qi, const float* __restrict__ ki, const float* __restrict__ w,
-                          int Hi, int Di, int N, int pos0, float w_scale, float dot_scale, float* __restrict__ scores) {
+                          int Hi, int Di, int N, int pos0, float w_scale, float dot_scale, float* __restrict__ scores,
+                          int kpb) {
   extern __shared__ __align__(16) float smem[];
   const int ld = Di + 1;
   float* sq = smem;
@@ -536,28 +540,30 @@ __global__ void __launch_bounds__(kIdxThreads)
   float* sk = sw + Hi;
   const int t = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int pos = pos0 + t;
+  const int s0 = blockIdx.x * kpb, s1 = min(N, s0 + kpb), ncausal = max(0, min(s1, pos + 1) - s0);
+#pragma unroll 8
   for (int i = tid; i < Hi * Di; i += kIdxThreads) sq[(i / Di) * ld + i % Di] = qi[size_t(t) * Hi * Di + i];
   for (int i = tid; i < Hi; i += kIdxThreads) sw[i] = w[size_t(t) * Hi + i] * w_scale;
+  const float* kb = ki + size_t(s0) * Di;
+#pragma unroll 8
+  for (int i = tid; i < ncausal * Di; i += kIdxThreads) sk[i] = kb[i];
   __syncthreads();
-  float* kw = sk + warp * Di;
-  const int s_end = min(N, int(blockIdx.x + 1) * kIdxKeysPerBlock);
-  for (int s = blockIdx.x * kIdxKeysPerBlock + warp; s < s_end; s += kIdxWarps) {
+  for (int s = s0 + warp; s < s1; s += kIdxWarps) {
     if (s > pos) {
       if (lane == 0) scores[size_t(t) * N + s] = -INFINITY;
       continue;
     }
-    for (int d = lane; d < Di; d += 32) kw[d] = ki[size_t(s) * Di + d];
-    __syncwarp();
+    const float* kw = sk + size_t(s - s0) * Di;
     float acc = 0.f;
     for (int h = lane; h < Hi; h += 32) {
       const float* qh = sq + h * ld;
       float dot = 0.f;
+#pragma unroll 8
       for (int d = 0; d < Di; ++d) dot = fmaf(qh[d], kw[d], dot);
       acc += sw[h] * fmaxf(dot * dot_scale, 0.f);
     }
     acc = warp_sum(acc);
     if (lane == 0) scores[size_t(t) * N + s] = acc;
-    __syncwarp();
   }
 }
 
@@ -697,14 +703,22 @@ void dsa_indexer_scores(const float* qi, const float* ki, const float* w, int T,
   if (T == 0 || N == 0) return;
   if (T < 0 || Hi <= 0 || Di <= 0 || Di > kIdxMaxDi || pos0 < 0 || pos0 + T > N)
     fail("dsa_indexer_scores: bad arguments T={} Hi={} Di={} N={} pos0={}", T, Hi, Di, N, pos0);
-  size_t smem = (size_t(Hi) * (Di + 1) + Hi + size_t(kIdxWarps) * Di) * sizeof(float);
+  // Keys per block: 32, or fewer while the grid would be under two blocks per SM.
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  const long sms = attn_device(dev).sms;
+  int kpb = kIdxMaxKeysPerBlock;
+  while (kpb > kIdxWarps && long((N + kpb - 1) / kpb) * T < 2 * sms) kpb /= 2;
+  auto smem_for = [&](int k) { return (size_t(Hi) * (Di + 1) + Hi + size_t(k) * Di) * sizeof(float); };
+  while (kpb > kIdxWarps && smem_for(kpb) > 48 * 1024) kpb /= 2;
+  const size_t smem = smem_for(kpb);
   if (smem > 48 * 1024) fail("dsa_indexer_scores: Hi={} Di={} needs {} B shared memory", Hi, Di, smem);
   for (int t0 = 0; t0 < T; t0 += kMaxRowsPerLaunch) {  // grid y limit; rows are independent
     const int n = std::min(T - t0, kMaxRowsPerLaunch);
-    dim3 grid((N + kIdxKeysPerBlock - 1) / kIdxKeysPerBlock, n);
+    dim3 grid((N + kpb - 1) / kpb, n);
     indexer_scores_kernel<<<grid, kIdxThreads, smem, stream>>>(qi + size_t(t0) * Hi * Di, ki, w + size_t(t0) * Hi, Hi,
                                                                Di, N, pos0 + t0, w_scale, 1.f / std::sqrt(float(Di)),
-                                                               scores + size_t(t0) * N);
+                                                               scores + size_t(t0) * N, kpb);
     check(cudaGetLastError(), "dsa_indexer_scores launch");
   }
 }

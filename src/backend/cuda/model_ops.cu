@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "backend/cuda/model_ops.h"
+#include "backend/cuda/pdl.h"
 #include "util/error.h"
 
 namespace bigmoe::cuda {
@@ -86,6 +87,7 @@ __global__ void layer_norm_kernel(const float* x, const float* __restrict__ w, c
 // ---- elementwise ----
 
 __global__ void silu_mul_kernel(const float* g, const float* u, size_t n, float* out) {
+  pdl_trigger();  // lets a PDL-launched matvec after this kernel start fetching weights
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     const float a = g[i];
     out[i] = a / (1.0f + expf(-a)) * u[i];
@@ -93,6 +95,7 @@ __global__ void silu_mul_kernel(const float* g, const float* u, size_t n, float*
 }
 
 __global__ void add_kernel(float* x, const float* __restrict__ y, size_t n) {
+  pdl_trigger();  // lets a PDL-launched matvec after this kernel start fetching weights
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     x[i] += y[i];
 }
@@ -117,6 +120,7 @@ __global__ void __launch_bounds__(kThreads) moe_route_kernel(const float* __rest
                                                              const float* __restrict__ bias, int E, int G,
                                                              int topk_group, int K, bool norm_topk, float scaling,
                                                              int* __restrict__ ids, float* __restrict__ weights) {
+  pdl_trigger();  // lets a PDL-launched matvec after this kernel start fetching weights
   __shared__ float sig[kMaxExperts], choice[kMaxExperts];
   __shared__ float gscore[kMaxExperts / 2];
   __shared__ bool gkeep[kMaxExperts / 2];
@@ -208,6 +212,7 @@ __global__ void __launch_bounds__(kThreads) moe_route_kernel(const float* __rest
 
 __global__ void moe_combine_kernel(const float* __restrict__ y, const float* __restrict__ w, int K, int d,
                                    const float* __restrict__ shared, float* __restrict__ x) {
+  pdl_trigger();  // lets a PDL-launched matvec after this kernel start fetching weights
   const int t = blockIdx.x;
   const int i = blockIdx.y * kThreads + threadIdx.x;
   if (i >= d) return;
@@ -294,6 +299,7 @@ __global__ void __launch_bounds__(kThreads, 2) head_matvec_kernel(const void* __
                                                                const float* __restrict__ x, size_t x_stride_t,
                                                                size_t x_stride_h, int T, bool vec,
                                                                float* __restrict__ y) {
+  pdl_trigger();  // lets a PDL-launched matvec after this kernel start fetching weights
   constexpr int N = kHeadRows * NB;  // accumulators per lane: value r * NB + b
   const int h = blockIdx.y, t0 = blockIdx.z * kHeadMaxT, tc = min(kHeadMaxT, T - t0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
