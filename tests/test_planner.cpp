@@ -267,20 +267,21 @@ TEST(Planner, FeasibilityFollowsGpuMem) {
   const LayoutResult& cpu = layout(p, "experts-cpu");
   EXPECT_TRUE(cpu.fits);
   EXPECT_EQ(cpu.max_context, (420000 - 211152) / 192);  // 1087
-  // hot cache: 420000 - 211152 - 192000 = 16848 B free = expert 0 whole (3 x 4096) + expert 1's
-  // gate (4096); hit rate 4/12 of the routed bytes per token.
+  // hot cache: 420000 - 211152 - 192000 = 16848 B free = expert 0 (3 x 4096); expert 1 does not
+  // fit whole, and the cache holds whole experts; hit rate 1/4 of the routed bytes per token.
   const LayoutResult& hot = layout(p, "hot-cache");
   EXPECT_TRUE(hot.fits);
-  EXPECT_EQ(hot.cached_bytes, 16384u);
-  EXPECT_DOUBLE_EQ(hot.hit_rate, 1.0 / 3);
-  EXPECT_EQ(hot.miss_path, "cpu");  // 16384 B at 10 GB/s beats 5 GB/s
+  EXPECT_EQ(hot.cached_bytes, 12288u);
+  EXPECT_DOUBLE_EQ(hot.hit_rate, 1.0 / 4);
+  EXPECT_EQ(hot.miss_path, "cpu");  // 18432 B at 10 GB/s beats 5 GB/s
   const double G = 100e9, R = 10e9, P = 5e9;
-  expect_rel(hot.decode_tps_b1, 1 / ((211152 + 192000 + 8192) / G + (16384 + 128) / R + 256 / P));
+  expect_rel(hot.decode_tps_b1, 1 / ((211152 + 192000 + 6144) / G + (18432 + 128) / R + 256 / P));
   size_t gi = 0, ui = 0;
   tensor(p.model, "blk.1.ffn_gate_exps.weight", &gi);
   tensor(p.model, "blk.1.ffn_up_exps.weight", &ui);
   EXPECT_EQ(hot.loc[gi][0].place, Place::Gpu);
-  EXPECT_EQ(hot.loc[gi][1].place, Place::Gpu);
+  EXPECT_EQ(hot.loc[ui][0].place, Place::Gpu);
+  EXPECT_EQ(hot.loc[gi][1].place, Place::Cpu);
   EXPECT_EQ(hot.loc[ui][1].place, Place::Cpu);
   EXPECT_EQ(hot.loc[gi][2].place, Place::Cpu);
   // Fastest that fits: the cache with misses split between CPU and link.
@@ -366,10 +367,10 @@ TEST(Planner, RoutingProfileDrivesTheCache) {
   const LayoutResult& hot = layout(p, "hot-cache");
   size_t g = 0;
   tensor(p.model, "blk.1.ffn_gate_exps.weight", &g);
-  EXPECT_EQ(hot.loc[g][3].place, Place::Gpu);  // the hottest whole, then expert 2's gate
-  EXPECT_EQ(hot.loc[g][2].place, Place::Gpu);
+  EXPECT_EQ(hot.loc[g][3].place, Place::Gpu);  // the hottest; the next does not fit whole
+  EXPECT_EQ(hot.loc[g][2].place, Place::Cpu);
   EXPECT_EQ(hot.loc[g][0].place, Place::Cpu);
-  EXPECT_NEAR(hot.hit_rate, (3 * 0.9 + 0.7) / (3 * 2.0), 1e-12);
+  EXPECT_NEAR(hot.hit_rate, 3 * 0.9 / (3 * 2.0), 1e-12);
   const LayoutResult& cpu = layout(p, "experts-cpu");
   double b4 = 0;
   for (double q : {0.1, 0.3, 0.7, 0.9}) b4 += 3 * 4096 * (1 - std::pow(1 - q, 4));

@@ -1,6 +1,7 @@
 #include "cli/plan_cmd.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -16,10 +17,10 @@ namespace bigmoe::cli {
 
 struct PlanCommand::Opts {
   CLI::App* cmd = nullptr;
-  std::string model, machine, weights, expert_weights, profile, out, kv = "f32";
+  std::string model, machine, weights, expert_weights, profile, out, layout, kv = "f32";
   std::vector<std::string> rules, expert_rules;
   plan::PlanOptions p;
-  bool json = false, no_mtp = false;
+  bool json = false, no_mtp = false, force = false;
   int threads = 0;
 };
 
@@ -55,7 +56,11 @@ PlanCommand::PlanCommand(CLI::App& app) : o_(std::make_unique<Opts>()) {
                     "before --rule)");
   o.cmd->add_flag("--no-mtp", o.no_mtp, "leave the MTP layer's weights out");
   o.cmd->add_flag("--json", o.json, "print the table as JSON");
-  o.cmd->add_option("--out", o.out, "write the chosen plan (every tensor's and expert's place) to this JSON file");
+  auto* out = o.cmd->add_option("--out", o.out,
+                                "write the chosen plan (every tensor's and expert's place) to this JSON file");
+  auto* layout = o.cmd->add_option("--layout", o.layout, "write this layout to --out instead of the chosen one")
+                     ->needs(out);
+  o.cmd->add_flag("--force", o.force, "with --layout: write it even if it does not fit")->needs(layout);
   o.cmd->add_option("--threads", o.threads, "probe: threads for the host read measurement (default: all cores)")
       ->check(CLI::Range(1, 4096));
 }
@@ -90,15 +95,27 @@ int PlanCommand::run() {
     fmt::print("{}\n", plan::plan_summary_json(p).dump(2));
   else
     fmt::print("{}", plan::format_plan_table(p));
+  int which = -1;  // the chosen layout
+  if (!o.layout.empty()) {
+    std::vector<std::string> names;
+    for (size_t i = 0; i < p.layouts.size(); ++i) {
+      names.push_back(p.layouts[i].name);
+      if (p.layouts[i].name == o.layout) which = int(i);
+    }
+    if (which < 0) fail("plan --layout '{}': no such layout (on this machine: {})", o.layout, fmt::join(names, ", "));
+    const plan::LayoutResult& r = p.layouts[size_t(which)];
+    if (!r.fits && !o.force) fail("plan --layout '{}' does not fit: {} (--force writes it anyway)", o.layout, r.reason);
+  }
   if (!o.out.empty()) {
-    nlohmann::json j = plan::plan_file_json(p);
+    nlohmann::json j = plan::plan_file_json(p, which);
     std::ofstream f(o.out);
     if (!f) fail("plan: cannot write '{}'", o.out);
     f << j.dump(1) << "\n";
     if (!f) fail("plan: writing '{}' failed", o.out);
-    if (!o.json) fmt::print("plan written to {}\n", o.out);
+    if (!o.json) fmt::print("plan written to {} (layout {})\n", o.out, j.at("layout").get<std::string>());
   }
-  return p.chosen >= 0 ? 0 : 2;
+  // A layout named with --layout was written as asked; otherwise 2 says nothing fits.
+  return p.chosen >= 0 || which >= 0 ? 0 : 2;
 }
 
 }  // namespace bigmoe::cli

@@ -6,13 +6,17 @@
 #include <csignal>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #ifdef BIGMOE_WITH_CUDA
 #include "backend/cuda/glm_dsa_cuda.h"
+#include "plan/expert_placement.h"
 #endif
 #include "engine/generate.h"
 #include "engine/model_loader.h"
+#include "model/glm_dsa.h"
+#include "plan/plan_file.h"
 #include "server/server.h"
 #include "util/error.h"
 
@@ -23,7 +27,11 @@ struct TextCommands::Opts {
   std::string model, host = "127.0.0.1", prompt, file, system;
   int port = 8080, n = 256, ctx = 0;
   bool gpu = false;
-  int gpu_ctx = 8192;
+  int gpu_ctx = 0;  // 0: the plan's context, else 8192
+  std::string plan, placement;
+  int cache_slots = 0, cpu_threads = 0;
+  std::string cache_policy = "lru";
+  std::vector<CLI::Option*> engine_opts;  // meaningful only with the GPU engine
   SamplerConfig sampler;
 };
 
@@ -45,9 +53,25 @@ TextCommands::TextCommands(CLI::App& app) : o_(std::make_unique<Opts>()) {
   Opts& o = *o_;
   auto model_opt = [&](CLI::App* a) {
     a->add_option("-m,--model", o.model, "a GGUF file (llama) or a checkpoint directory (GLM-DSA family)")->required();
-    a->add_flag("--gpu", o.gpu, "run a GLM-DSA model on the CUDA device, every weight in GPU memory");
-    a->add_option("--gpu-ctx", o.gpu_ctx, "with --gpu: cache positions per sequence (default 8192)")
+    a->add_flag("--gpu", o.gpu, "run a GLM-DSA model on the CUDA device (every weight in GPU memory unless --plan or "
+                "--placement says otherwise)");
+    a->add_option("--gpu-ctx", o.gpu_ctx, "with --gpu: cache positions per sequence (default: the plan's context, else 8192)")
         ->check(CLI::Range(16, 1 << 20));
+    auto* plan = a->add_option("--plan", o.plan,
+                               "a plan file (`bigmoe plan --out`): where every routed expert lives; implies --gpu");
+    a->add_option("--placement", o.placement,
+                  "without a plan file, every routed expert in one place; implies --gpu")
+        ->check(CLI::IsMember({"all-gpu", "experts-cpu", "experts-streamed", "mixed"}))
+        ->excludes(plan);
+    o.engine_opts.push_back(
+        a->add_option("--expert-cache-slots", o.cache_slots,
+                      "GPU slots per MoE layer that keep streamed experts after use (0: copy on every use)")
+            ->check(CLI::NonNegativeNumber));
+    o.engine_opts.push_back(a->add_option("--cache-policy", o.cache_policy, "which streamed experts the slots keep: lru | lfu")
+                                ->check(CLI::IsMember({"lru", "lfu"})));
+    o.engine_opts.push_back(a->add_option("--cpu-threads", o.cpu_threads,
+                                          "threads of the CPU expert kernels (0: all cores)")
+                                ->check(CLI::NonNegativeNumber));
   };
   auto sampling = [&](CLI::App* a) {
     a->add_option("--temp", o.sampler.temperature, "sampling temperature (0 = greedy)")->check(CLI::Range(0.0, 100.0));
@@ -87,23 +111,44 @@ bool TextCommands::selected() const { return o_->serve->parsed() || o_->chat->pa
 
 int TextCommands::run() {
   Opts& o = *o_;
+  const char* engine = !o.plan.empty() ? "--plan" : !o.placement.empty() ? "--placement" : o.gpu ? "--gpu" : nullptr;
+  for (CLI::Option* opt : o.engine_opts)
+    if (opt->count() && !engine) fail("{} applies to the GPU engine: add --gpu, --plan or --placement", opt->get_name());
+  // A plan file is read before the model, so that its mistakes show before a long load.
+  std::optional<plan::EnginePlan> ep;
+  if (!o.plan.empty()) ep = plan::load_plan_file(o.plan);
   fmt::print(stderr, "loading {} ...\n", o.model);
   LoadedModel m = load_model(o.model);
+  std::unique_ptr<GlmDsaModel> glm;
+  if (engine) {
+    if (!dynamic_cast<GlmDsaModel*>(m.lm.get()))
+      fail("{}: '{}' is not a GLM-DSA checkpoint; only the GLM-DSA family runs on the GPU", engine, m.name);
+    glm.reset(static_cast<GlmDsaModel*>(m.lm.release()));
+    if (!o.placement.empty()) ep = plan::placement_plan(glm->config(), o.placement);
+    if (ep) {
+      plan::check_plan_against(*ep, glm->config());
+      fmt::print(stderr, "plan: {}\n", ep->summary());
+    }
+  }
   const Tokenizer& tok = need_tokenizer(m);
-  if (o.gpu) {
+  if (engine) {
 #ifdef BIGMOE_WITH_CUDA
-    auto* glm = dynamic_cast<GlmDsaModel*>(m.lm.get());
-    if (!glm) fail("--gpu: '{}' is not a GLM-DSA checkpoint; only the GLM-DSA family runs on the GPU", m.name);
-    std::unique_ptr<GlmDsaModel> owned(glm);
-    (void)m.lm.release();
     cuda::GlmDsaCudaOptions go;
-    go.max_context = std::min(o.gpu_ctx, owned->context_length());
+    int ctx = o.gpu_ctx > 0 ? o.gpu_ctx : ep && ep->ctx > 0 ? int(std::min<int64_t>(ep->ctx, 1 << 20)) : 8192;
+    go.max_context = std::min(ctx, glm->context_length());
     go.max_sequences = 2;  // the server's live session and the one that replaces it
     go.max_rows = 512;
     go.progress = true;
-    m.lm = cuda::make_cuda_language_model(std::move(owned), go);
+    if (ep) {
+      go.experts = plan::expert_placement(*ep);
+      go.device = ep->gpus[0];
+    }
+    go.experts.cache_slots = o.cache_slots;
+    go.experts.cache_policy = o.cache_policy;
+    go.experts.cpu_threads = o.cpu_threads;
+    m.lm = cuda::make_cuda_language_model(std::move(glm), go);
 #else
-    fail("--gpu: this build of bigmoe has no CUDA backend (nvcc was not found at configure time)");
+    fail("{}: this build of bigmoe has no CUDA backend (nvcc was not found at configure time)", engine);
 #endif
   }
 

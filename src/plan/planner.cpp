@@ -763,37 +763,48 @@ LayoutResult evaluate(const Ctx& c, const Spec& s, const std::vector<int>& gpus,
       gkv[size_t(slot_gpu[size_t(sl)])] += c.kv_res[size_t(sl)];
     }
 
-  // 3. Hot-expert cache: each GPU's free memory holds the experts routing picks most.
+  // 3. Hot-expert cache: each GPU's free memory holds the experts routing picks most. Whole
+  // experts (every projection of it), since the executor moves an expert, not a projection;
+  // an expert a rule pins in any projection is left where the rules put it.
   if (s.hot) {
     struct Cand {
-      double q;
-      int layer, expert;
-      size_t t;
+      double q = 0, bytes = 0;
+      int layer = 0, expert = 0, gpu = 0;
+      bool pinned = false;
+      std::vector<size_t> ts;
     };
-    std::vector<std::vector<Cand>> cand(mc.gpus.size());
+    std::map<std::pair<int, int>, Cand> by;  // (layer, expert)
     for (size_t t = 0; t < T; ++t) {
       const PlanTensor& pt = m.tensors[t];
       if (c.slot[t] < 0 || pt.cls != TensorClass::RoutedExpert || !c.decoded[size_t(c.slot[t])]) continue;
-      for (int e = 0; e < c.units(t); ++e)
-        if (!pinned[t][size_t(e)] && r.loc[t][size_t(e)].place != Place::Gpu)
-          cand[size_t(slot_gpu[size_t(c.slot[t])])].push_back({c.qof(t, e), pt.layer, e, t});
+      for (int e = 0; e < c.units(t); ++e) {
+        Cand& x = by[{pt.layer, e}];
+        x.q = c.qof(t, e);
+        x.layer = pt.layer;
+        x.expert = e;
+        x.gpu = slot_gpu[size_t(c.slot[t])];
+        x.pinned |= pinned[t][size_t(e)] || r.loc[t][size_t(e)].place == Place::Gpu;
+        x.bytes += double(m.tensors[t].bytes) / c.units(t);
+        x.ts.push_back(t);
+      }
     }
+    std::vector<std::vector<const Cand*>> cand(mc.gpus.size());
+    for (auto& [key, x] : by)
+      if (!x.pinned) cand[size_t(x.gpu)].push_back(&x);
     for (int g : gpus) {
       auto& v = cand[size_t(g)];
-      std::sort(v.begin(), v.end(), [](const Cand& a, const Cand& b) {
-        if (a.q != b.q) return a.q > b.q;
-        if (a.layer != b.layer) return a.layer < b.layer;
-        if (a.expert != b.expert) return a.expert < b.expert;
-        return a.t < b.t;
+      std::sort(v.begin(), v.end(), [](const Cand* a, const Cand* b) {
+        if (a->q != b->q) return a->q > b->q;
+        if (a->layer != b->layer) return a->layer < b->layer;
+        return a->expert < b->expert;
       });
       double free = c.gpu_cap[size_t(g)] - gw[size_t(g)] - gkv[size_t(g)] * ctx;
-      for (const Cand& x : v) {
-        double ub = double(m.tensors[x.t].bytes) / c.units(x.t);
-        if (ub > free) continue;
-        free -= ub;
-        gw[size_t(g)] += ub;
-        r.cached_bytes += uint64_t(ub);
-        r.loc[x.t][size_t(x.expert)].place = Place::Gpu;
+      for (const Cand* x : v) {
+        if (x->bytes > free) continue;
+        free -= x->bytes;
+        gw[size_t(g)] += x->bytes;
+        r.cached_bytes += uint64_t(x->bytes);
+        for (size_t t : x->ts) r.loc[t][size_t(x->expert)].place = Place::Gpu;
       }
     }
   }
@@ -1184,11 +1195,6 @@ namespace {
 
 using ojson = nlohmann::ordered_json;
 
-std::string loc_str(const Loc& l) {
-  if (l.place == Place::Gpu) return fmt::format("gpu:{}", l.dev);
-  return l.dev < 0 ? fmt::format("{}:*", place_name(l.place)) : fmt::format("{}:{}", place_name(l.place), l.dev);
-}
-
 ojson path_json(const PathBytes& b) { return {{"gpu", b.gpu}, {"cpu", b.cpu}, {"pcie", b.pcie}}; }
 
 ojson layout_json(const LayoutResult& r) {
@@ -1229,6 +1235,11 @@ ojson model_json(const Plan& p) {
 
 }  // namespace
 
+std::string loc_string(const Loc& l) {
+  if (l.place == Place::Gpu) return fmt::format("gpu:{}", l.dev);
+  return l.dev < 0 ? fmt::format("{}:*", place_name(l.place)) : fmt::format("{}:{}", place_name(l.place), l.dev);
+}
+
 ojson plan_summary_json(const Plan& p) {
   ojson j;
   j["model"] = model_json(p);
@@ -1243,9 +1254,10 @@ ojson plan_summary_json(const Plan& p) {
   return j;
 }
 
-ojson plan_file_json(const Plan& p) {
-  if (p.chosen < 0) fail("no layout fits: there is no plan to write");
-  const LayoutResult& r = p.layouts[size_t(p.chosen)];
+ojson plan_file_json(const Plan& p, int layout) {
+  if (layout < 0 && p.chosen < 0) fail("no layout fits: there is no plan to write");
+  if (layout >= int(p.layouts.size())) fail("plan_file_json: layout {} of {}", layout, p.layouts.size());
+  const LayoutResult& r = p.layouts[size_t(layout < 0 ? p.chosen : layout)];
   const PlanModel& m = p.model;
   ojson j;
   j["bigmoe_plan"] = 1;
@@ -1295,11 +1307,11 @@ ojson plan_file_json(const Plan& p) {
     if (pt.cls == TensorClass::RoutedExpert) {
       e["layer"] = pt.layer;
       std::vector<std::string> places;
-      for (auto& l : r.loc[t]) places.push_back(loc_str(l));
+      for (auto& l : r.loc[t]) places.push_back(loc_string(l));
       e["places"] = places;
       j["experts"].push_back(e);
     } else {
-      e["place"] = loc_str(r.loc[t][0]);
+      e["place"] = loc_string(r.loc[t][0]);
       j["tensors"].push_back(e);
     }
   }

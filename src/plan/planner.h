@@ -141,6 +141,8 @@ struct Loc {
   Place place = Place::Gpu;
   int dev = 0;  // Gpu: GPU index; host places: NUMA node, -1 = spread over all nodes
 };
+// As the plan file writes it: "gpu:G", "cpu:N", "stream:N", "mixed:N"; "cpu:*" = spread.
+std::string loc_string(const Loc& l);
 
 struct LayoutResult {
   std::string name;
@@ -178,8 +180,8 @@ std::string format_plan_table(const Plan& p);
 // {model, machine, layouts: [{name, gpus, bytes_per_token: {gpu, cpu, pcie}, decode_tps_b1,
 // decode_tps_b4, prefill_tps, max_context, fits, ...}], chosen}
 nlohmann::ordered_json plan_summary_json(const Plan& p);
-// The plan file (--out) for run / serve / bench: the chosen layout's placement of every tensor
-// and expert (docs/planner.md, "Plan file").
-nlohmann::ordered_json plan_file_json(const Plan& p);
+// The plan file (--out) for --plan and bench_model (plan/plan_file.h reads it): a layout's placement of every tensor and
+// expert (docs/planner.md, "Plan file"). `layout` indexes p.layouts; -1: the chosen one.
+nlohmann::ordered_json plan_file_json(const Plan& p, int layout = -1);
 
 }  // namespace bigmoe::plan
