@@ -1,5 +1,6 @@
 // Device-position ops of the graph-captured decode step (see decode_ops.h): grid-stride loops,
 // one thread per element; they move a few KB per call.
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cuda_runtime.h>
 
@@ -7,6 +8,7 @@
 #include <cmath>
 
 #include "backend/cuda/decode_ops.h"
+#include "backend/cuda/rope_math.h"
 #include "util/error.h"
 
 namespace bigmoe::cuda {
@@ -35,7 +37,106 @@ __global__ void causal_sel_kernel(int* sel, int T, int ncap, const int* pos) {
   }
 }
 
+// One block per row t (position p = *pos + t, or pos0 + t): the latent RMSNorm and the k_pe rope
+// of kv_a's output row, written straight into the two caches (rms_norm_strided + rope + two
+// append_rows in one launch, the same arithmetic).
+__global__ void kv_to_cache_kernel(const float* __restrict__ kv, int stride, int kvr, const float* __restrict__ w,
+                                   float eps, int dim, const float* __restrict__ inv_freq, float factor,
+                                   bool interleave, float* __restrict__ latent, float* __restrict__ k_pe, int pos0,
+                                   const int* pos) {
+  using Reduce = cub::BlockReduce<float, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ float inv_s;
+  const int t = blockIdx.x, p = (pos ? *pos : pos0) + t;
+  const float* xr = kv + size_t(t) * stride;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < kvr; i += kThreads) ss += xr[i] * xr[i];
+  const float total = Reduce(tmp).Sum(ss);
+  if (threadIdx.x == 0) inv_s = rsqrtf(total / kvr + eps);
+  __syncthreads();
+  const float inv = inv_s;
+  float* lr = latent + size_t(p) * kvr;
+  for (int i = threadIdx.x; i < kvr; i += kThreads) lr[i] = w[i] * (xr[i] * inv);
+  const float* er = xr + kvr;
+  float* kr = k_pe + size_t(p) * dim;
+  for (int j = threadIdx.x; j < dim / 2; j += kThreads) {
+    float c, sn;
+    rope_cos_sin(inv_freq[j], p, factor, c, sn);
+    int a, b;
+    rope_pair_index(j, dim, interleave, a, b);
+    const float x0 = er[a], x1 = er[b];
+    kr[a] = x0 * c - x1 * sn;
+    kr[b] = x1 * c + x0 * sn;
+  }
+}
+
+// One block per row: the indexer key's LayerNorm (as layer_norm), then rope over its first `dim`
+// values, into the indexer cache (layer_norm + rope + append_rows in one launch).
+__global__ void index_key_to_cache_kernel(const float* __restrict__ k, int n, const float* __restrict__ w,
+                                          const float* __restrict__ b, float eps, int dim,
+                                          const float* __restrict__ inv_freq, float factor, bool interleave,
+                                          float* __restrict__ cache, int pos0, const int* pos) {
+  using Reduce = cub::BlockReduce<float, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ float mean_s, inv_s;
+  extern __shared__ float row[];
+  const int t = blockIdx.x, p = (pos ? *pos : pos0) + t;
+  const float* xr = k + size_t(t) * n;
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < n; i += kThreads) sum += xr[i];
+  const float total = Reduce(tmp).Sum(sum);
+  if (threadIdx.x == 0) mean_s = total / n;
+  __syncthreads();
+  const float mean = mean_s;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const float d = xr[i] - mean;
+    ss += d * d;
+  }
+  const float var = Reduce(tmp).Sum(ss);
+  if (threadIdx.x == 0) inv_s = rsqrtf(var / n + eps);
+  __syncthreads();
+  const float inv = inv_s;
+  for (int i = threadIdx.x; i < n; i += kThreads) row[i] = ((xr[i] - mean) * inv) * w[i] + b[i];
+  __syncthreads();
+  float* cr = cache + size_t(p) * n;
+  for (int i = dim + threadIdx.x; i < n; i += kThreads) cr[i] = row[i];
+  for (int j = threadIdx.x; j < dim / 2; j += kThreads) {
+    float c, sn;
+    rope_cos_sin(inv_freq[j], p, factor, c, sn);
+    int a, bb;
+    rope_pair_index(j, dim, interleave, a, bb);
+    const float x0 = row[a], x1 = row[bb];
+    cr[a] = x0 * c - x1 * sn;
+    cr[bb] = x1 * c + x0 * sn;
+  }
+}
+
 }  // namespace
+
+void kv_to_cache(const float* kv, int stride, int T, int kvr, const float* norm_w, float eps, int dim,
+                 const float* inv_freq, float factor, bool interleave, float* latent, float* k_pe, int pos0,
+                 const int* pos, CUstream_st* stream) {
+  BIGMOE_CHECK(T >= 0 && kvr >= 1 && dim >= 2 && dim % 2 == 0 && stride >= kvr + dim && pos0 >= 0,
+               "kv_to_cache: bad shape T {} kv_lora {} rope {} stride {}", T, kvr, dim, stride);
+  if (T == 0) return;
+  BIGMOE_CHECK(kv && norm_w && inv_freq && latent && k_pe, "kv_to_cache: null pointer");
+  kv_to_cache_kernel<<<T, kThreads, 0, stream>>>(kv, stride, kvr, norm_w, eps, dim, inv_freq, factor, interleave,
+                                                 latent, k_pe, pos0, pos);
+  check(cudaGetLastError(), "kv_to_cache launch");
+}
+
+void index_key_to_cache(const float* k, int T, int n, const float* w, const float* b, float eps, int dim,
+                        const float* inv_freq, float factor, bool interleave, float* cache, int pos0, const int* pos,
+                        CUstream_st* stream) {
+  BIGMOE_CHECK(T >= 0 && n >= 1 && dim >= 0 && dim % 2 == 0 && dim <= n && pos0 >= 0 && n <= 8192,
+               "index_key_to_cache: bad shape T {} n {} rope {}", T, n, dim);
+  if (T == 0) return;
+  BIGMOE_CHECK(k && w && b && cache && (dim == 0 || inv_freq), "index_key_to_cache: null pointer");
+  index_key_to_cache_kernel<<<T, kThreads, size_t(n) * 4, stream>>>(k, n, w, b, eps, dim, inv_freq, factor,
+                                                                     interleave, cache, pos0, pos);
+  check(cudaGetLastError(), "index_key_to_cache launch");
+}
 
 void append_rows(float* dst, int dst_stride, const int* pos, const float* src, int src_stride, int T, int n,
                  CUstream_st* stream) {

@@ -14,6 +14,18 @@ namespace bigmoe::cuda {
 void append_rows(float* dst, int dst_stride, const int* pos, const float* src, int src_stride, int T, int n,
                  CUstream_st* stream = nullptr);
 
+// Fused cache writers of the attention's key side, for rows t < T at position p + t (p = *pos,
+// or pos0 when pos is null). kv_to_cache: kv rows (stride apart) hold [latent kvr | k_pe dim]; the
+// latent cache row gets RMSNorm(latent) ⊙ norm_w (as rms_norm), the k_pe cache row the roped k_pe
+// (as rope, one position per row). index_key_to_cache: the indexer key rows [T, n] get LayerNorm
+// (w, b; as layer_norm), then rope over their first dim values, into cache rows of n.
+void kv_to_cache(const float* kv, int stride, int T, int kvr, const float* norm_w, float eps, int dim,
+                 const float* inv_freq, float factor, bool interleave, float* latent, float* k_pe, int pos0,
+                 const int* pos, CUstream_st* stream = nullptr);
+void index_key_to_cache(const float* k, int T, int n, const float* w, const float* b, float eps, int dim,
+                        const float* inv_freq, float factor, bool interleave, float* cache, int pos0, const int* pos,
+                        CUstream_st* stream = nullptr);
+
 // sel [T, ncap]: sel[t, s] = s for s <= *pos + t, else -1 (dense causal attention as a selection).
 void causal_selection(int* sel, int T, int ncap, const int* pos, CUstream_st* stream = nullptr);
 

@@ -549,16 +549,23 @@ struct GlmDsaCuda::Impl {
       const int* pd = dev ? pos_dev + si : nullptr;
       const DevLayerCache& lc = caches[seqs[si]->id][layer];
       float* qs = q + size_t(r0) * H * qkh;
-      cuda::rope(qs, T * H, qkh, nope, mr.dim, H, pos0, rope_freq, mr.attention_factor, mr.interleave, stream, pd);
-      check(cudaMemcpy2DAsync(qpe + size_t(r0) * H * rope, rope * 4, qs + nope, qkh * 4, rope * 4, size_t(T) * H,
-                              cudaMemcpyDeviceToDevice, stream),
-            "cudaMemcpy2DAsync (q_pe)");
-      // KV: c = RMSNorm(c) and rope(k_pe) in place, then both rows into the cache.
       float* kvs = kv + size_t(r0) * (kvr + rope);
-      rms_norm_strided(kvs, kvr + rope, b.kv_a_norm, T, kvr, float(kLoraNormEps), kvs, kvr + rope, stream);
-      cuda::rope(kvs, T, kvr + rope, kvr, mr.dim, 1, pos0, rope_freq, mr.attention_factor, mr.interleave, stream, pd);
-      to_cache(lc.latent, kvr, pd, pos0, kvs, kvr + rope, T, kvr);
-      to_cache(lc.k_pe, rope, pd, pos0, kvs + kvr, kvr + rope, T, rope);
+      if (mr.dim == rope) {
+        // q_pe roped into its gathered copy; c = RMSNorm(c) and rope(k_pe) straight into the cache.
+        rope_to(qs, T * H, qkh, nope, rope, H, pos0, rope_freq, mr.attention_factor, mr.interleave,
+                qpe + size_t(r0) * H * rope, rope, stream, pd);
+        kv_to_cache(kvs, kvr + rope, T, kvr, b.kv_a_norm, float(kLoraNormEps), rope, rope_freq, mr.attention_factor,
+                    mr.interleave, lc.latent, lc.k_pe, pos0, pd, stream);
+      } else {  // rope over part of q_pe / k_pe: the same steps one op at a time
+        cuda::rope(qs, T * H, qkh, nope, mr.dim, H, pos0, rope_freq, mr.attention_factor, mr.interleave, stream, pd);
+        check(cudaMemcpy2DAsync(qpe + size_t(r0) * H * rope, rope * 4, qs + nope, qkh * 4, rope * 4, size_t(T) * H,
+                                cudaMemcpyDeviceToDevice, stream),
+              "cudaMemcpy2DAsync (q_pe)");
+        rms_norm_strided(kvs, kvr + rope, b.kv_a_norm, T, kvr, float(kLoraNormEps), kvs, kvr + rope, stream);
+        cuda::rope(kvs, T, kvr + rope, kvr, mr.dim, 1, pos0, rope_freq, mr.attention_factor, mr.interleave, stream, pd);
+        to_cache(lc.latent, kvr, pd, pos0, kvs, kvr + rope, T, kvr);
+        to_cache(lc.k_pe, rope, pd, pos0, kvs + kvr, kvr + rope, T, rope);
+      }
       const int N = dev ? ncap : pos0 + T, p0 = dev ? ncap - T : pos0;  // key range, and its last row's start
       const int sw = dev ? std::max(c.index_topk, opt.max_context) : c.index_topk;  // selection row width
       int* sel_s = sel + size_t(r0) * sw;
@@ -566,10 +573,9 @@ struct GlmDsaCuda::Impl {
         const cpu::Rope& ir = model.indexer_rope();
         float* qis = qi + size_t(r0) * Hi * Di;
         cuda::rope(qis, T * Hi, Di, 0, ir.dim, Hi, pos0, idx_rope_freq, ir.attention_factor, ir.interleave, stream, pd);
-        float* ks = kbuf + size_t(r0) * Di;
-        layer_norm(ks, b.idx_k_norm_w, b.idx_k_norm_b, T, Di, float(kIndexerNormEps), ks, stream);
-        cuda::rope(ks, T, Di, 0, ir.dim, 1, pos0, idx_rope_freq, ir.attention_factor, ir.interleave, stream, pd);
-        to_cache(lc.idx_k, Di, pd, pos0, ks, Di, T, Di);
+        // The key: LayerNorm, rope over its first ir.dim values, into the indexer cache.
+        index_key_to_cache(kbuf + size_t(r0) * Di, T, Di, b.idx_k_norm_w, b.idx_k_norm_b, float(kIndexerNormEps),
+                           ir.dim, idx_rope_freq, ir.attention_factor, ir.interleave, lc.idx_k, pos0, pd, stream);
         dsa_indexer_scores(qis, lc.idx_k, wts + size_t(r0) * Hi, T, Hi, Di, N, p0, float(1.0 / std::sqrt(double(Hi))),
                            scores, stream);
         // Keys past each row's position (not yet written in a decode step) are never read.

@@ -25,6 +25,7 @@
 
 #include "backend/cuda/model_ops.h"
 #include "backend/cuda/pdl.h"
+#include "backend/cuda/rope_math.h"
 #include "util/error.h"
 
 namespace bigmoe::cuda {
@@ -38,22 +39,23 @@ unsigned elementwise_blocks(size_t n) { return unsigned(std::min<size_t>((n + kT
 // ---- rope ----
 
 __global__ void rope_kernel(float* x, int rows, size_t stride, int offset, int dim, int rows_per_pos, int pos0,
-                            const float* __restrict__ inv_freq, float factor, bool interleave, const int* pos_dev) {
+                            const float* __restrict__ inv_freq, float factor, bool interleave, const int* pos_dev,
+                            float* out, size_t out_stride) {
   if (pos_dev) pos0 = *pos_dev;
   const int half = dim / 2;
   const size_t total = size_t(rows) * half;
   for (size_t p = blockIdx.x * size_t(blockDim.x) + threadIdx.x; p < total; p += size_t(gridDim.x) * blockDim.x) {
     const int r = int(p / half), j = int(p % half);
     const int pos = pos0 + r / rows_per_pos;
-    const float ang = inv_freq[j] * float(pos);
-    double sd, cd;
-    sincos(double(ang), &sd, &cd);
-    const float c = float(cd) * factor, s = float(sd) * factor;
+    float c, s;
+    rope_cos_sin(inv_freq[j], pos, factor, c, s);
     float* xr = x + r * stride + offset;
-    const int a = interleave ? 2 * j : j, b = interleave ? 2 * j + 1 : j + half;
+    int a, b;
+    rope_pair_index(j, dim, interleave, a, b);
     const float x0 = xr[a], x1 = xr[b];
-    xr[a] = x0 * c - x1 * s;
-    xr[b] = x1 * c + x0 * s;
+    float* o = out ? out + r * out_stride : xr;  // out of place: the rotated vector alone, dim wide
+    o[a] = x0 * c - x1 * s;
+    o[b] = x1 * c + x0 * s;
   }
 }
 
@@ -369,7 +371,24 @@ void rope(float* x, int rows, int stride, int offset, int dim, int rows_per_pos,
   BIGMOE_CHECK(x && inv_freq, "rope: null pointer");
   const size_t pairs = size_t(rows) * (dim / 2);
   rope_kernel<<<elementwise_blocks(pairs), kThreads, 0, stream>>>(x, rows, size_t(stride), offset, dim, rows_per_pos,
-                                                                  pos0, inv_freq, factor, interleave, pos_dev);
+                                                                  pos0, inv_freq, factor, interleave, pos_dev, nullptr, 0);
+  check(cudaGetLastError(), "rope kernel launch");
+}
+
+void rope_to(const float* x, int rows, int stride, int offset, int dim, int rows_per_pos, int pos0,
+             const float* inv_freq, float factor, bool interleave, float* out, int out_stride, CUstream_st* stream,
+             const int* pos_dev) {
+  BIGMOE_CHECK(rows >= 0 && dim >= 2 && dim % 2 == 0 && rows_per_pos >= 1 && pos0 >= 0 && offset >= 0,
+               "rope_to: bad arguments rows={} dim={} rows_per_pos={} pos0={} offset={}", rows, dim, rows_per_pos,
+               pos0, offset);
+  BIGMOE_CHECK(rows <= 1 || (stride >= offset + dim && out_stride >= dim), "rope_to: strides {} / {} too short",
+               stride, out_stride);
+  if (rows == 0) return;
+  BIGMOE_CHECK(x && inv_freq && out, "rope_to: null pointer");
+  const size_t pairs = size_t(rows) * (dim / 2);
+  rope_kernel<<<elementwise_blocks(pairs), kThreads, 0, stream>>>(const_cast<float*>(x), rows, size_t(stride), offset,
+                                                                  dim, rows_per_pos, pos0, inv_freq, factor, interleave,
+                                                                  pos_dev, out, size_t(out_stride));
   check(cudaGetLastError(), "rope kernel launch");
 }
 

@@ -20,6 +20,12 @@ namespace bigmoe::cuda {
 void rope(float* x, int rows, int stride, int offset, int dim, int rows_per_pos, int pos0, const float* inv_freq,
           float factor, bool interleave, CUstream_st* stream = nullptr, const int* pos_dev = nullptr);
 
+// rope out of place: the rotated `dim` values of row r (read at x + r * stride + offset) are
+// written to out + r * out_stride; x is not modified. (The absorbed MLA's q_pe, gathered.)
+void rope_to(const float* x, int rows, int stride, int offset, int dim, int rows_per_pos, int pos0,
+             const float* inv_freq, float factor, bool interleave, float* out, int out_stride,
+             CUstream_st* stream = nullptr, const int* pos_dev = nullptr);
+
 // y[r, :] = (x[r, :] - mean) / sqrt(var + eps) ⊙ w + b (biased variance, torch LayerNorm),
 // rows of n contiguous floats; y may alias x.
 void layer_norm(const float* x, const float* w, const float* b, int rows, int n, float eps, float* y,
