@@ -1,4 +1,5 @@
-// The GLM-DSA forward pass on one CUDA device, every weight resident in GPU memory: the same
+// The GLM-DSA forward pass on one CUDA device, every weight resident in GPU memory except the
+// routed experts that GlmDsaCudaOptions::experts places on the host (docs/offload.md): the same
 // math as GlmDsaModel (src/model/glm_dsa.cpp), op by op, through the kernels of cuda_ops.h and
 // model_ops.h. Decode (T <= 16 rows in a step) runs the matvec kernels and the grouped expert
 // kernel, which reads the router's choice from device memory; prefill (more rows) runs the
