@@ -108,6 +108,32 @@ TEST(ExpertCache, HitRatesOnSkewedRouting) {
   EXPECT_GT(rate[1], rate[0]);
 }
 
+// Within a step (begin_step) a slot read by the step is not evicted: the executor is about to
+// read it. The next step may evict it again.
+TEST(ExpertCache, StepProtectsItsSlots) {
+  for (Policy p : {Policy::Lru, Policy::Lfu}) {
+    ExpertCache c(2, p, 1.0);
+    c.access(0, 1);
+    c.access(0, 2);
+    c.begin_step();
+    EXPECT_TRUE(c.access(0, 2).hit);
+    EXPECT_TRUE(c.access(0, 1).hit);
+    auto a = c.access(0, 3);  // both slots read this step
+    EXPECT_EQ(a.slot, -1);
+    EXPECT_FALSE(a.hit);
+    EXPECT_EQ(c.find(0, 1), 0);
+    EXPECT_EQ(c.find(0, 2), 1);
+    c.begin_step();
+    c.access(0, 3);
+    c.access(0, 3);  // LFU: as hot as the others now
+    EXPECT_GE(c.find(0, 3), 0) << (p == Policy::Lru ? "lru" : "lfu");
+  }
+  ExpertCache d(2, Policy::Lru);  // without begin_step: plain LRU within the "step"
+  d.access(0, 1);
+  d.access(0, 2);
+  EXPECT_EQ(d.access(0, 3).slot, 0);
+}
+
 TEST(ExpertCache, RejectsBadInput) {
   EXPECT_THROW(ExpertCache(-1, Policy::Lru), Error);
   EXPECT_THROW(ExpertCache(2, Policy::Lfu, 0.0), Error);

@@ -61,6 +61,7 @@ int ExpertCache::victim() const {
     const Slot& x = slots_[size_t(s)];
     if (x.pinned) continue;
     if (x.layer < 0) return s;  // a free slot first
+    if (x.last_use >= step_start_) continue;  // read by this step
     if (best < 0) {
       best = s;
       continue;

@@ -40,6 +40,10 @@ class ExpertCache {
   // the coldest unpinned one); under Static, or when every slot is pinned, it stays on the host.
   Access access(int layer, int expert);
   int find(int layer, int expert) const;  // slot, or -1
+  // Starts a step: until the next begin_step(), a slot accessed in this step is never evicted
+  // (the executor is about to read it), so a miss that finds no other victim stays on the host.
+  // Without begin_step() every unpinned slot may be evicted.
+  void begin_step() { step_start_ = clock_ + 1; }
 
   int n_slots() const { return int(slots_.size()); }
   uint64_t hits() const { return hits_; }
@@ -62,6 +66,7 @@ class ExpertCache {
   std::map<std::pair<int, int>, int> where_;
   std::map<std::pair<int, int>, double> freq_;  // LFU counts of experts not in a slot too
   uint64_t clock_ = 0, hits_ = 0, misses_ = 0;
+  uint64_t step_start_ = UINT64_MAX;  // slots with last_use >= this are in use this step
   std::map<int, std::pair<uint64_t, uint64_t>> per_layer_;
 };
 

@@ -13,22 +13,13 @@
 #include <map>
 
 #include "backend/cuda/decode_ops.h"
+#include "backend/cuda/expert_offload.h"
 #include "backend/cuda/model_ops.h"
 #include "tensor/dtype.h"
 #include "tensor/quant.h"
 #include "util/error.h"
 
 namespace bigmoe::cuda {
-
-const char* expert_home_name(ExpertHome h) {
-  switch (h) {
-    case ExpertHome::Gpu: return "gpu";
-    case ExpertHome::Cpu: return "cpu";
-    case ExpertHome::Stream: return "stream";
-    case ExpertHome::Mixed: return "mixed";
-  }
-  return "?";
-}
 
 bool ExpertPlacement::any_host() const {
   for (const auto& l : home)
@@ -52,13 +43,6 @@ struct DevLinear {
   int out = 0, in = 0;
   size_t bytes = 0;  // weight + scale bytes (what one pass reads)
   bool present() const { return w != nullptr; }
-};
-
-// E experts of one projection, at a uniform stride.
-struct DevExperts {
-  ExpertWeights ew{};
-  int out = 0, in = 0, n = 0;
-  size_t bytes_per_expert = 0;
 };
 
 // Matrices that read the same input, stacked by rows in one allocation so that a decode step
@@ -92,6 +76,7 @@ struct DevBlock {
   // Fused decode launches: on h {q_a | q_proj, kv_a, indexer wk, indexer weights_proj}, on the
   // normed q_a output {q_b, indexer wq_b}, and {gate, up} of the dense MLP / shared expert.
   DevFused f_h, f_cq, f_gu, f_sh;
+  int offload_layer = -1;  // this layer's index when some of its experts live on the host (ExpertOffload)
 };
 
 // Per-sequence, per-layer cache: what the absorbed attention and the indexer read.
@@ -139,6 +124,7 @@ struct GlmDsaCuda::Impl {
   };
   std::map<std::string, Graph> graphs;  // captured decode steps
   std::vector<cudaEvent_t> events;      // profiling
+  std::unique_ptr<ExpertOffload> offload;  // experts on the host (null: all on the GPU)
 
   Impl(const GlmDsaModel& m, const GlmDsaCudaOptions& o) : model(m), c(m.config()), opt(o) {}
   void enqueue_layers(const std::vector<CudaSequence*>& seqs, const std::vector<int>& rows0,
@@ -348,6 +334,24 @@ struct GlmDsaCuda::Impl {
     return d;
   }
 
+  // The layout place_experts would give ls, for a layer whose experts ExpertOffload places.
+  static ExpertLayout expert_layout(const std::vector<Linear>& ls, const std::string& what) {
+    const Linear& l0 = ls.at(0);
+    const WeightFormat f = placed_format(l0);
+    for (const Linear& l : ls)
+      if (placed_format(l) != f || l.out != l0.out || l.in != l0.in)
+        fail("{}: experts differ in format or shape; the grouped kernel needs them uniform", what);
+    ExpertLayout x;
+    x.fmt = f;
+    x.out = l0.out;
+    x.in = l0.in;
+    x.bo = l0.bo ? l0.bo : 128;
+    x.bi = l0.bi ? l0.bi : 128;
+    x.wbytes = placed_bytes(l0, f);
+    x.scales = f == WeightFormat::FP8_E4M3 ? scale_count(l0) : 0;
+    return x;
+  }
+
   // kv_b split per head into the two absorbed-MLA matrices: W_UKᵀ [H, kv_lora, nope] and W_UV
   // [H, v, kv_lora], in BF16 (exact for BF16 checkpoints; for FP8 / quantized kv_b a rounding of
   // 2^-9 relative) unless opt.exact_absorb keeps them float32 when BF16 would round them.
@@ -385,7 +389,7 @@ struct GlmDsaCuda::Impl {
     }
   }
 
-  DevBlock place_block(const BlockWeights& w, const std::string& p) {
+  DevBlock place_block(const BlockWeights& w, int layer, const std::string& p) {
     DevBlock b;
     b.input_norm = upload_vec(w.input_norm, p + "input_norm");
     b.post_norm = upload_vec(w.post_norm, p + "post_norm");
@@ -414,9 +418,19 @@ struct GlmDsaCuda::Impl {
     } else {
       b.router = place(f.router, p + "mlp.gate");
       b.correction_bias = upload_vec(f.correction_bias, p + "e_score_correction_bias");
-      b.exp_gate = place_experts(f.exp_gate, p + "experts.gate_proj");
-      b.exp_up = place_experts(f.exp_up, p + "experts.up_proj");
-      b.exp_down = place_experts(f.exp_down, p + "experts.down_proj");
+      if (offload && ExpertOffload::host_layer(opt.experts, layer)) {
+        // Placed by the offload executor once every layer is known (their pools are shared).
+        b.offload_layer = layer;
+        offload->add_layer(layer, f,
+                           {expert_layout(f.exp_gate, p + "experts.gate_proj"),
+                            expert_layout(f.exp_up, p + "experts.up_proj"),
+                            expert_layout(f.exp_down, p + "experts.down_proj")},
+                           p);
+      } else {
+        b.exp_gate = place_experts(f.exp_gate, p + "experts.gate_proj");
+        b.exp_up = place_experts(f.exp_up, p + "experts.up_proj");
+        b.exp_down = place_experts(f.exp_down, p + "experts.down_proj");
+      }
       b.f_sh = place_group({&f.sh_gate, &f.sh_up}, {&b.sh_gate, &b.sh_up}, p + "shared_experts.gate_proj / up_proj");
       b.sh_down = place(f.sh_down, p + "shared_experts.down_proj");
     }
@@ -622,11 +636,14 @@ struct GlmDsaCuda::Impl {
               float(c.routed_scaling_factor), ids, route_w, stream);
     const int S = R * K;
     if (R <= kDecodeRows) {
-      // Decode: the grouped kernel reads the chosen experts from `ids` on the device.
-      matvec_grouped(b.exp_gate.ew, mi, d, ids, S, h, K, ffn_g, stream);
-      matvec_grouped(b.exp_up.ew, mi, d, ids, S, h, K, ffn_u, stream);
+      // Decode: the grouped kernel reads the chosen experts from `ids` on the device; with host
+      // experts, from their slots in the layer's pool once the streamed ones are copied in (-1
+      // for the CPU's: zeros, their result is added by offload->finish).
+      const int* sid = b.offload_layer >= 0 ? offload->decode_begin(b.offload_layer, ids, route_w, h, R) : ids;
+      matvec_grouped(b.exp_gate.ew, mi, d, sid, S, h, K, ffn_g, stream);
+      matvec_grouped(b.exp_up.ew, mi, d, sid, S, h, K, ffn_u, stream);
       silu_mul(ffn_g, ffn_u, size_t(S) * mi, ffn_g, stream);
-      matvec_grouped(b.exp_down.ew, d, mi, ids, S, ffn_g, 1, ye, stream);
+      matvec_grouped(b.exp_down.ew, d, mi, sid, S, ffn_g, 1, ye, stream);
     } else {
       prefill_experts(b, R);
     }
@@ -638,17 +655,25 @@ struct GlmDsaCuda::Impl {
       shared = ys;
     }
     moe_combine(ye, route_w, R, K, d, shared, x, stream);
+    if (b.offload_layer >= 0) offload->finish(b.offload_layer, x, R);  // CPU experts, while the GPU works
   }
 
   // Prefill: the router's choice comes to the host, each expert's tokens are gathered and run
   // as one product (matvec for up to 16 tokens, else dequantize + GEMM), then scattered to
-  // their slots.
+  // their slots. With host experts the offload executor says where each expert runs: a slot of
+  // the layer's pool (a streamed one is copied in first) or the CPU (its slots stay zero here;
+  // offload->finish adds its result).
   void prefill_experts(const DevBlock& b, int R) {
     const int d = c.hidden_size, K = c.num_experts_per_tok, mi = c.moe_intermediate_size, E = c.n_routed_experts;
-    const int S = R * K;
+    const int S = R * K, ol = b.offload_layer;
     std::vector<int> hid(S);
-    check(cudaMemcpyAsync(hid.data(), ids, size_t(S) * 4, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync (ids)");
-    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    if (ol >= 0) {
+      const int* hi = offload->prefill_begin(ol, ids, route_w, h, R);
+      std::copy(hi, hi + S, hid.begin());
+    } else {
+      check(cudaMemcpyAsync(hid.data(), ids, size_t(S) * 4, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync (ids)");
+      check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    }
     std::vector<int> count(E + 1, 0), start(E + 1, 0);
     for (int s = 0; s < S; ++s)
       if (hid[s] >= 0 && hid[s] < E) ++count[hid[s]];
@@ -660,21 +685,32 @@ struct GlmDsaCuda::Impl {
         slots[at] = s;
         toks[at] = s / K;
       }
-    check(cudaMemcpyAsync(slot_rows, slots.data(), size_t(S) * 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
-    check(cudaMemcpyAsync(slot_tokens, toks.data(), size_t(S) * 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+    const int *up_slots = slots.data(), *up_toks = toks.data();
+    if (ol >= 0) {
+      // From pinned memory: no sync at the end, so the GPU's experts overlap the CPU's.
+      int* pin = offload->pinned_rows();
+      std::copy(slots.begin(), slots.end(), pin);
+      std::copy(toks.begin(), toks.end(), pin + S);
+      up_slots = pin;
+      up_toks = pin + S;
+    }
+    check(cudaMemcpyAsync(slot_rows, up_slots, size_t(S) * 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(slot_tokens, up_toks, size_t(S) * 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
     check(cudaMemsetAsync(ye, 0, size_t(S) * d * 4, stream), "cudaMemsetAsync");
-    // The uploads read pageable host vectors; they finish before this function returns.
     for (int e = 0; e < E; ++e) {
       const int n = count[e];
       if (n == 0) continue;
+      int slot = e;
+      if (ol >= 0 && (slot = offload->prefill_stage(ol, e)) < 0) continue;  // the CPU's
       gather_rows(h, slot_tokens + start[e], n, d, xe, stream);
-      expert_linear(b.exp_gate, e, xe, n, ge);
-      expert_linear(b.exp_up, e, xe, n, ue);
+      expert_linear(b.exp_gate, slot, xe, n, ge);
+      expert_linear(b.exp_up, slot, xe, n, ue);
       silu_mul(ge, ue, size_t(n) * mi, ge, stream);
-      expert_linear(b.exp_down, e, ge, n, yexp);
+      expert_linear(b.exp_down, slot, ge, n, yexp);
       scatter_rows(yexp, slot_rows + start[e], n, d, ye, stream);
     }
-    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    // The uploads read pageable host vectors; they finish before this function returns.
+    if (ol < 0) check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   }
 
   void expert_linear(const DevExperts& x_, int e, const float* xin, int n, float* yout) {
@@ -697,9 +733,23 @@ GlmDsaCuda::GlmDsaCuda(const GlmDsaModel& model, const GlmDsaCudaOptions& opt) :
   if (c.hidden_size % 4 != 0) fail("GlmDsaCuda: hidden_size {} is not a multiple of 4", c.hidden_size);
   check(cudaStreamCreateWithFlags(&I.stream, cudaStreamNonBlocking), "cudaStreamCreate");
   const int L = c.num_hidden_layers;
+  ExpertOffload::validate(c, model.layers(), opt.experts);
+  if (opt.experts.any_host())
+    I.offload = std::make_unique<ExpertOffload>(
+        c, opt.experts, opt.max_rows, I.stream,
+        [&I](size_t n, const std::string& what) { return I.alloc<void>(n, what); }, &Impl::placed_data);
   for (int i = 0; i < L; ++i) {
     if (opt.progress) std::fprintf(stderr, "\rupload: layer %d/%d", i + 1, L);
-    I.blocks.push_back(I.place_block(model.layers()[i], fmt::format("layer {} ", i)));
+    I.blocks.push_back(I.place_block(model.layers()[i], i, fmt::format("layer {} ", i)));
+  }
+  if (I.offload) {
+    I.offload->place(opt.progress);
+    for (DevBlock& b : I.blocks)
+      if (b.offload_layer >= 0) {
+        b.exp_gate = I.offload->experts(b.offload_layer, 0);
+        b.exp_up = I.offload->experts(b.offload_layer, 1);
+        b.exp_down = I.offload->experts(b.offload_layer, 2);
+      }
   }
   if (opt.progress) std::fprintf(stderr, "\rupload: lm_head            ");
   I.final_norm = I.upload_vec(model.final_norm(), "final norm");
@@ -754,9 +804,11 @@ size_t GlmDsaCuda::decode_bytes_layer(int layer, int rows) const {
   for (const DevLinear* l : {&k.q_proj, &k.q_a, &k.q_b, &k.kv_a, &k.o, &k.idx_wq_b, &k.idx_wk, &k.idx_weights_proj,
                              &k.gate, &k.up, &k.down, &k.router, &k.sh_gate, &k.sh_up, &k.sh_down})
     b += l->bytes;
-  if (k.moe)
+  if (k.moe) {
+    const size_t E = size_t(cfg_.n_routed_experts), n_gpu = k.offload_layer >= 0 ? I.offload->n_gpu(layer) : E;
     b += size_t(std::min(cfg_.n_routed_experts, rows * cfg_.num_experts_per_tok)) *
-         (k.exp_gate.bytes_per_expert + k.exp_up.bytes_per_expert + k.exp_down.bytes_per_expert);
+         (k.exp_gate.bytes_per_expert + k.exp_up.bytes_per_expert + k.exp_down.bytes_per_expert) * n_gpu / E;
+  }
   return b;
 }
 
@@ -764,6 +816,43 @@ size_t GlmDsaCuda::decode_bytes_per_token(int rows) const {
   size_t b = 0;
   for (int l = 0; l <= cfg_.num_hidden_layers; ++l) b += decode_bytes_layer(l, rows);
   return b;
+}
+
+size_t GlmDsaCuda::decode_host_bytes_layer(int layer, int rows) const {
+  const Impl& I = *impl_;
+  BIGMOE_CHECK(layer >= 0 && layer <= cfg_.num_hidden_layers, "decode_host_bytes_layer: no layer {}", layer);
+  if (layer == cfg_.num_hidden_layers) return 0;
+  const DevBlock& k = I.blocks[layer];
+  if (k.offload_layer < 0) return 0;
+  const size_t E = size_t(cfg_.n_routed_experts), n_host = E - size_t(I.offload->n_gpu(layer));
+  return size_t(std::min(cfg_.n_routed_experts, rows * cfg_.num_experts_per_tok)) *
+         (k.exp_gate.bytes_per_expert + k.exp_up.bytes_per_expert + k.exp_down.bytes_per_expert) * n_host / E;
+}
+
+size_t GlmDsaCuda::decode_host_bytes_per_token(int rows) const {
+  size_t b = 0;
+  for (int l = 0; l < cfg_.num_hidden_layers; ++l) b += decode_host_bytes_layer(l, rows);
+  return b;
+}
+
+size_t GlmDsaCuda::host_pinned_bytes() const { return impl_->offload ? impl_->offload->pinned_bytes() : 0; }
+size_t GlmDsaCuda::host_packed_bytes() const { return impl_->offload ? impl_->offload->packed_bytes() : 0; }
+
+OffloadStats GlmDsaCuda::offload_stats() const {
+  if (impl_->offload) return impl_->offload->stats();
+  OffloadStats s;
+  s.layer_cache_hit_rate.assign(size_t(cfg_.num_hidden_layers), 0.0);
+  return s;
+}
+
+void GlmDsaCuda::reset_offload_stats() {
+  if (impl_->offload) impl_->offload->reset_stats();
+}
+
+double GlmDsaCuda::cache_hit_rate(int layer) const {
+  BIGMOE_CHECK(layer >= 0 && layer < cfg_.num_hidden_layers, "cache_hit_rate: no layer {}", layer);
+  const DevBlock& k = impl_->blocks[layer];
+  return k.offload_layer >= 0 ? impl_->offload->cache_hit_rate(layer) : 0.0;
 }
 
 std::vector<float> GlmDsaCuda::forward(const std::vector<CudaSequence*>& seqs,
@@ -834,7 +923,7 @@ std::vector<float> GlmDsaCuda::forward(const std::vector<CudaSequence*>& seqs,
     check(cudaMemcpyAsync(I.host_logits, I.y_logits, size_t(nout) * V * 4, cudaMemcpyDeviceToHost, I.stream),
           "cudaMemcpyAsync (logits)");
   };
-  if (dev && graphs_ && !profiling_) {
+  if (dev && graphs_ && !profiling_ && !I.offload) {
     std::string key = fmt::format("{}", ncap);
     for (size_t i = 0; i < seqs.size(); ++i) key += fmt::format(",{}:{}", seqs[i]->id, nrows[i]);
     key += last_only ? "L" : "A";

@@ -1,4 +1,5 @@
-// The GLM-DSA forward pass on one CUDA device, every weight resident in GPU memory: the same
+// The GLM-DSA forward pass on one CUDA device, every weight resident in GPU memory except the
+// routed experts that GlmDsaCudaOptions::experts places on the host (docs/offload.md): the same
 // math as GlmDsaModel (src/model/glm_dsa.cpp), op by op, through the kernels of cuda_ops.h and
 // model_ops.h. Decode (T <= 16 rows in a step) runs the matvec kernels and the grouped expert
 // kernel, which reads the router's choice from device memory; prefill (more rows) runs the
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "backend/cuda/cuda_ops.h"
+#include "engine/expert_schedule.h"
 #include "engine/lm.h"
 #include "model/glm_dsa.h"
 
@@ -22,9 +24,10 @@ namespace bigmoe::cuda {
 //  Gpu: resident in GPU memory. Cpu: host memory, computed by the CPU (only activations cross
 //  the link). Stream: host memory, copied into a GPU slot when routing picks it. Mixed: host
 //  memory; each step splits its mixed experts between the CPU and streaming so that both paths
-//  finish together (mixed_cpu_fraction of the bytes to the CPU).
-enum class ExpertHome : uint8_t { Gpu, Cpu, Stream, Mixed };
-const char* expert_home_name(ExpertHome h);
+//  finish together (mixed_cpu_fraction of the bytes to the CPU). Declared with the per-step
+//  scheduler (engine/expert_schedule.h); docs/offload.md describes the executor.
+using bigmoe::ExpertHome;
+using bigmoe::expert_home_name;
 
 struct ExpertPlacement {
   // home[layer][expert] for the main layers; an empty vector (or an empty layer entry, or a
@@ -54,6 +57,27 @@ struct GlmDsaCudaOptions {
   ExpertPlacement experts;  // default: every expert on the GPU
 };
 
+// What the expert executor did since construction or reset_offload_stats(), over the MoE layers
+// with host experts (all zero when every expert is on the GPU). Counts are distinct experts per
+// layer step, not (token, k) slots.
+struct OffloadStats {
+  uint64_t steps = 0;         // layer steps through the executor (decode and prefill)
+  uint64_t gpu_hits = 0;      // resident experts used
+  uint64_t cache_hits = 0;    // streamed experts found in a cache slot (no copy)
+  uint64_t cache_misses = 0;  // streamed experts not in a cache slot (each copied: = streamed)
+  uint64_t cache_fills = 0;   // misses that took a cache slot (decode only)
+  uint64_t streamed = 0;      // experts copied host -> GPU
+  uint64_t cpu_experts = 0;   // experts computed by the CPU
+  double streamed_bytes = 0;  // bytes copied host -> GPU (placed format)
+  double cpu_bytes = 0;       // expert bytes the CPU read (packed)
+  double host_ms = 0;         // host wall time from each step's router sync to its CPU result enqueued
+  double cpu_ms = 0;          // of which in the CPU expert kernels
+  std::vector<double> layer_cache_hit_rate;  // [num_hidden_layers]; 0 where nothing streams
+  double cache_hit_rate() const {
+    return cache_hits + cache_misses ? double(cache_hits) / double(cache_hits + cache_misses) : 0.0;
+  }
+};
+
 // A handle on one sequence's device cache.
 struct CudaSequence {
   int id = -1;
@@ -62,8 +86,11 @@ struct CudaSequence {
 
 class GlmDsaCuda {
  public:
-  // Uploads every weight of `model` (which must outlive this object). Throws bigmoe::Error when
-  // the device has too little memory or a tensor's format cannot be placed, naming it.
+  // Uploads every weight of `model` (which must outlive this object), routed experts as
+  // opt.experts places them. Throws bigmoe::Error when the device has too little memory, a
+  // tensor's format cannot be placed, or the placement does not fit the model, naming the
+  // culprit. Any expert off the GPU turns the decode CUDA graphs off (steps then sync per MoE
+  // layer that has host experts).
   GlmDsaCuda(const GlmDsaModel& model, const GlmDsaCudaOptions& opt);
   ~GlmDsaCuda();
   GlmDsaCuda(const GlmDsaCuda&) = delete;
@@ -87,12 +114,25 @@ class GlmDsaCuda {
   void set_graphs(bool on) { graphs_ = on; }
   const std::vector<float>& layer_ms() const { return layer_ms_; }
 
-  // Weight bytes a decode step of `rows` rows reads at most: every non-expert weight, the shared
-  // experts, min(E, rows * top_k) routed experts per MoE layer and the lm_head (rows 1: one
-  // token's bytes). And what the device holds in total.
+  // Weight bytes a decode step of `rows` rows reads at most from GPU memory: every non-expert
+  // weight, the shared experts, min(E, rows * top_k) routed experts per MoE layer and the
+  // lm_head (rows 1: one token's bytes). With experts on the host, a layer's routed bytes count
+  // only the share of its experts resident on the GPU (n_gpu / E of them, as under uniform
+  // routing); the host share is decode_host_bytes_*: bytes that cross the link (streamed) or
+  // that the CPU reads. And what the device holds in total.
   size_t decode_bytes_per_token(int rows = 1) const;
   size_t decode_bytes_layer(int layer, int rows = 1) const;  // layer num_hidden_layers: norm + lm_head
+  size_t decode_host_bytes_per_token(int rows = 1) const;
+  size_t decode_host_bytes_layer(int layer, int rows = 1) const;  // placed bytes of host experts
   size_t resident_bytes() const { return resident_bytes_; }
+  // Host memory of the experts off the GPU: pinned placed bytes (Stream, Mixed) and packed CPU
+  // layouts (Cpu, Mixed; Mixed experts are kept both ways), plus the per-step pinned buffers.
+  size_t host_pinned_bytes() const;
+  size_t host_packed_bytes() const;
+
+  OffloadStats offload_stats() const;
+  void reset_offload_stats();  // counts only: the cache keeps its experts
+  double cache_hit_rate(int layer) const;  // streamed experts of `layer` found in its cache slots
 
   struct Impl;
 

@@ -1,0 +1,251 @@
+// The offload executor's per-step plan (engine/expert_schedule.h), worked by hand: resident
+// experts, cache hits / fills / evictions, the static policy, transient slots in decode and in
+// prefill, CPU experts, the Mixed split by bytes, determinism, and bad placements.
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "engine/expert_schedule.h"
+#include "util/error.h"
+
+namespace bigmoe {
+namespace {
+
+using H = ExpertHome;
+using P = ExpertPath;
+using Policy = ExpertCache::Policy;
+
+ExpertScheduleOptions opts(std::vector<H> home, int cache = 0, int transient_base = 0, int n_transient = 0) {
+  ExpertScheduleOptions o;
+  o.layer = 3;
+  o.home = std::move(home);
+  o.expert_bytes = 1000;
+  o.cpu_expert_bytes = 900;
+  o.cache_slots = cache;
+  o.transient_base = transient_base;
+  o.n_transient = n_transient;
+  return o;
+}
+
+// (expert, path, slot, tokens) of each use, for compact expectations.
+struct U {
+  int e;
+  P p;
+  int slot, tokens;
+};
+void expect_uses(const ExpertScheduler::Step& st, const std::vector<U>& want) {
+  ASSERT_EQ(st.uses.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(st.uses[i].expert, want[i].e) << "use " << i;
+    EXPECT_EQ(st.uses[i].path, want[i].p) << "expert " << want[i].e << ": " << expert_path_name(st.uses[i].path);
+    EXPECT_EQ(st.uses[i].slot, want[i].slot) << "expert " << want[i].e;
+    EXPECT_EQ(st.uses[i].tokens, want[i].tokens) << "expert " << want[i].e;
+  }
+}
+
+TEST(ExpertSchedule, ResidentExpertsKeepTheirSlots) {
+  // Gpu experts 0, 2, 5 take slots 0, 1, 2 in expert order.
+  ExpertScheduler s(opts({H::Gpu, H::Cpu, H::Gpu, H::Cpu, H::Cpu, H::Gpu}));
+  EXPECT_EQ(s.n_resident(), 3);
+  EXPECT_EQ(s.resident_slot(5), 2);
+  EXPECT_EQ(s.resident_slot(1), -1);
+  const std::vector<int> ids{5, 0, 2, 5, -1, 0};  // two rows of top-3; -1: no expert
+  auto st = s.plan(ids.data(), 6, true);
+  expect_uses(st, {{0, P::Resident, 0, 2}, {2, P::Resident, 1, 1}, {5, P::Resident, 2, 2}});
+  EXPECT_EQ(st.slot_ids, (std::vector<int>{2, 0, 1, 2, -1, 0}));
+  EXPECT_EQ(st.n_cpu, 0);
+  EXPECT_EQ(st.n_copies, 0);
+  EXPECT_EQ(s.stats().gpu_hits, 3u);
+  EXPECT_EQ(s.stats().steps, 1u);
+}
+
+TEST(ExpertSchedule, CpuExpertsGetNoSlot) {
+  ExpertScheduler s(opts({H::Gpu, H::Cpu, H::Cpu, H::Gpu}));
+  const std::vector<int> ids{1, 3, 2, 1};
+  auto st = s.plan(ids.data(), 4, true);
+  expect_uses(st, {{1, P::Cpu, -1, 2}, {2, P::Cpu, -1, 1}, {3, P::Resident, 1, 1}});
+  EXPECT_EQ(st.slot_ids, (std::vector<int>{-1, 1, -1, -1}));
+  EXPECT_EQ(st.n_cpu, 2);
+  EXPECT_EQ(s.stats().cpu_experts, 2u);
+  EXPECT_DOUBLE_EQ(s.stats().cpu_bytes, 1800.0);
+  EXPECT_DOUBLE_EQ(s.stats().streamed_bytes, 0.0);
+}
+
+TEST(ExpertSchedule, LruCacheHitsFillsAndEvicts) {
+  // One resident expert (slot 0), two cache slots (1, 2), transient slots from 10.
+  ExpertScheduler s(opts({H::Gpu, H::Stream, H::Stream, H::Stream, H::Stream, H::Stream}, 2, 10, 4));
+  std::vector<int> a{1, 2};
+  expect_uses(s.plan(a.data(), 2, true), {{1, P::CacheFill, 1, 1}, {2, P::CacheFill, 2, 1}});
+  std::vector<int> b{1, 0};
+  auto st = s.plan(b.data(), 2, true);
+  expect_uses(st, {{0, P::Resident, 0, 1}, {1, P::CacheHit, 1, 1}});
+  EXPECT_EQ(st.n_copies, 0);
+  // 2 is now the least recently used: 3 takes its slot.
+  std::vector<int> c{3};
+  expect_uses(s.plan(c.data(), 1, true), {{3, P::CacheFill, 2, 1}});
+  EXPECT_EQ(s.cache().find(3, 2), -1);
+  // 4 misses while 1 and 3 (both cached) are read in the same step: neither may be evicted, so
+  // 4 goes to a transient slot; 2 as well.
+  std::vector<int> d{4, 1, 3, 2};
+  st = s.plan(d.data(), 4, true);
+  expect_uses(st, {{1, P::CacheHit, 1, 1}, {2, P::Transient, 10, 1}, {3, P::CacheHit, 2, 1}, {4, P::Transient, 11, 1}});
+  EXPECT_EQ(st.slot_ids, (std::vector<int>{11, 1, 2, 10}));
+  EXPECT_EQ(st.n_copies, 2);
+  const auto& x = s.stats();
+  EXPECT_EQ(x.gpu_hits, 1u);
+  EXPECT_EQ(x.cache_hits, 3u);
+  EXPECT_EQ(x.cache_misses, 5u);
+  EXPECT_EQ(x.cache_fills, 3u);
+  EXPECT_EQ(x.streamed, 5u);
+  EXPECT_DOUBLE_EQ(x.streamed_bytes, 5000.0);
+  EXPECT_DOUBLE_EQ(x.cache_hit_rate(), 3.0 / 8.0);
+  s.reset_stats();
+  EXPECT_EQ(s.stats().cache_hits, 0u);
+  EXPECT_EQ(s.cache().find(3, 1), 0);  // the cache itself is kept
+}
+
+TEST(ExpertSchedule, FillNeverEvictsAnExpertOfTheSameStep) {
+  // Cache of 1: expert 2 (cached) is read in the step where 1 misses; 1 must not take 2's slot,
+  // although 1 comes first in expert order.
+  ExpertScheduler s(opts({H::Stream, H::Stream, H::Stream}, 1, 1, 3));
+  std::vector<int> a{2};
+  s.plan(a.data(), 1, true);
+  std::vector<int> b{1, 2};
+  expect_uses(s.plan(b.data(), 2, true), {{1, P::Transient, 1, 1}, {2, P::CacheHit, 0, 1}});
+  std::vector<int> c{1};  // next step: 2 is evictable again
+  expect_uses(s.plan(c.data(), 1, true), {{1, P::CacheFill, 0, 1}});
+}
+
+TEST(ExpertSchedule, LfuKeepsTheFrequentExpert) {
+  ExpertScheduleOptions o = opts({H::Stream, H::Stream, H::Stream}, 1, 1, 3);
+  o.cache_policy = Policy::Lfu;
+  ExpertScheduler s(o);
+  std::vector<int> a{0};
+  for (int i = 0; i < 3; ++i) s.plan(a.data(), 1, true);
+  std::vector<int> b{1};
+  expect_uses(s.plan(b.data(), 1, true), {{1, P::Transient, 1, 1}});  // colder than 0: not admitted
+  expect_uses(s.plan(a.data(), 1, true), {{0, P::CacheHit, 0, 1}});
+}
+
+TEST(ExpertSchedule, StaticPolicyStreamsEveryMiss) {
+  ExpertScheduleOptions o = opts({H::Stream, H::Stream, H::Stream}, 2, 2, 3);
+  o.cache_policy = Policy::Static;
+  ExpertScheduler s(o);
+  std::vector<int> a{2, 0};
+  for (int i = 0; i < 2; ++i) expect_uses(s.plan(a.data(), 2, true), {{0, P::Transient, 2, 1}, {2, P::Transient, 3, 1}});
+  EXPECT_EQ(s.stats().cache_fills, 0u);
+  EXPECT_EQ(s.stats().streamed, 4u);
+}
+
+TEST(ExpertSchedule, DecodeTransientSlotsAreDistinctAndBounded) {
+  ExpertScheduler s(opts({H::Stream, H::Gpu, H::Stream, H::Stream, H::Stream, H::Stream}, 0, 1, 3));
+  std::vector<int> a{5, 3, 5, 0};
+  auto st = s.plan(a.data(), 4, true);
+  expect_uses(st, {{0, P::Transient, 1, 1}, {3, P::Transient, 2, 1}, {5, P::Transient, 3, 2}});
+  EXPECT_EQ(st.slot_ids, (std::vector<int>{3, 2, 3, 1}));
+  std::vector<int> b{0, 2, 3, 4};  // four transients, three slots
+  EXPECT_THROW(s.plan(b.data(), 4, true), Error);
+}
+
+TEST(ExpertSchedule, PrefillLooksUpTheCacheAndReusesTransientSlots) {
+  ExpertScheduler s(opts({H::Stream, H::Stream, H::Stream, H::Stream, H::Stream}, 1, 1, 2));
+  std::vector<int> a{4};
+  s.plan(a.data(), 1, true);  // decode: 4 fills the cache slot
+  std::vector<int> b{0, 1, 2, 3, 4, 0};
+  auto st = s.plan(b.data(), 6, false);
+  expect_uses(st, {{0, P::Transient, 1, 2}, {1, P::Transient, 2, 1}, {2, P::Transient, 1, 1}, {3, P::Transient, 2, 1},
+                   {4, P::CacheHit, 0, 1}});
+  EXPECT_EQ(s.cache().hits(), 0u);  // prefill does not touch the policy
+  EXPECT_EQ(s.cache().find(3, 4), 0);
+  EXPECT_EQ(s.stats().cache_hits, 1u);
+  EXPECT_EQ(s.stats().cache_fills, 1u);
+}
+
+TEST(ExpertSchedule, MixedSplitsByBytesGivingTheCpuTheLightest) {
+  // Experts 1 (3 tokens), 4 (1 token), 6 (2 tokens), all Mixed. Order for the CPU: 4, 6, 1.
+  std::vector<H> home(8, H::Mixed);
+  const std::vector<int> ids{1, 6, 1, 4, 6, 1};
+  auto run = [&](double f) {
+    ExpertScheduleOptions o = opts(home, 0, 0, 8);
+    o.mixed_cpu_fraction = f;
+    ExpertScheduler s(o);
+    return s.plan(ids.data(), 6, true);
+  };
+  // 0.5: 4 (share 0 < 0.5), 6 (1/3 < 0.5), then 2/3 >= 0.5 stops.
+  expect_uses(run(0.5), {{1, P::Transient, 0, 3}, {4, P::Cpu, -1, 1}, {6, P::Cpu, -1, 2}});
+  expect_uses(run(0.3), {{1, P::Transient, 0, 3}, {4, P::Cpu, -1, 1}, {6, P::Transient, 1, 2}});
+  expect_uses(run(0.0), {{1, P::Transient, 0, 3}, {4, P::Transient, 1, 1}, {6, P::Transient, 2, 2}});
+  expect_uses(run(1.0), {{1, P::Cpu, -1, 3}, {4, P::Cpu, -1, 1}, {6, P::Cpu, -1, 2}});
+  // Ties in tokens: lower expert first.
+  const std::vector<int> tie{5, 2, 7};
+  ExpertScheduleOptions o = opts(home, 0, 0, 8);
+  o.mixed_cpu_fraction = 0.5;
+  ExpertScheduler s(o);
+  expect_uses(s.plan(tie.data(), 3, true), {{2, P::Cpu, -1, 1}, {5, P::Cpu, -1, 1}, {7, P::Transient, 0, 1}});
+}
+
+TEST(ExpertSchedule, CachedMixedExpertsAreReadInPlace) {
+  ExpertScheduleOptions o = opts({H::Mixed, H::Mixed, H::Mixed, H::Mixed}, 1, 1, 4);
+  o.mixed_cpu_fraction = 0.5;
+  ExpertScheduler s(o);
+  // 1 and 2 (a token each): the CPU takes 1 (share 0 < 0.5), 2 streams into the cache slot.
+  std::vector<int> a{2, 1};
+  expect_uses(s.plan(a.data(), 2, true), {{1, P::Cpu, -1, 1}, {2, P::CacheFill, 0, 1}});
+  // 2 is cached: read in place and left out of the split, which then runs over 1 and 3 alone:
+  // 1 to the CPU, 3 streams (into a transient slot: the cache slot holds 2, read this step).
+  std::vector<int> b{3, 2, 1};
+  expect_uses(s.plan(b.data(), 3, true), {{1, P::Cpu, -1, 1}, {2, P::CacheHit, 0, 1}, {3, P::Transient, 1, 1}});
+}
+
+TEST(ExpertSchedule, PlansAreDeterministic) {
+  std::vector<H> home;
+  for (int e = 0; e < 32; ++e) home.push_back(H(e % 4));
+  ExpertScheduleOptions o = opts(home, 3, 8 + 3, 16);
+  ExpertScheduler a(o), b(o);
+  uint32_t r = 12345;
+  for (int step = 0; step < 50; ++step) {
+    std::vector<int> ids(8), rev;
+    for (int& x : ids) x = int((r = r * 1664525u + 1013904223u) >> 27);  // 0..31
+    rev.assign(ids.rbegin(), ids.rend());
+    auto pa = a.plan(ids.data(), 8, step % 5 != 0);
+    auto pb = b.plan(rev.data(), 8, step % 5 != 0);  // same experts and counts, other order
+    ASSERT_EQ(pa.uses.size(), pb.uses.size());
+    for (size_t i = 0; i < pa.uses.size(); ++i) {
+      EXPECT_EQ(pa.uses[i].expert, pb.uses[i].expert);
+      EXPECT_EQ(pa.uses[i].path, pb.uses[i].path);
+      EXPECT_EQ(pa.uses[i].slot, pb.uses[i].slot);
+    }
+    for (size_t i = 0; i < ids.size(); ++i) EXPECT_EQ(pa.slot_ids[i], pb.slot_ids[7 - i]);
+  }
+  EXPECT_EQ(a.stats().cache_hits, b.stats().cache_hits);
+  EXPECT_GT(a.stats().cache_hits, 0u);
+}
+
+TEST(ExpertSchedule, RejectsBadPlacements) {
+  EXPECT_THROW(ExpertScheduler(opts({})), Error);
+  ExpertScheduleOptions o = opts({H::Stream, H::Gpu}, 0, 1, 1);
+  o.expert_bytes = 0;
+  EXPECT_THROW(ExpertScheduler{o}, Error);
+  o = opts({H::Mixed}, 0, 0, 1);
+  o.mixed_cpu_fraction = 1.5;
+  EXPECT_THROW(ExpertScheduler{o}, Error);
+  o.mixed_cpu_fraction = -0.1;
+  EXPECT_THROW(ExpertScheduler{o}, Error);
+  EXPECT_THROW(ExpertScheduler(opts({H::Stream, H::Gpu}, -1, 1, 1)), Error);   // negative cache
+  EXPECT_THROW(ExpertScheduler(opts({H::Stream, H::Gpu}, 0, 1, 0)), Error);    // streams, no transient slot
+  EXPECT_THROW(ExpertScheduler(opts({H::Stream, H::Gpu}, 2, 2, 1)), Error);    // transient over the cache
+  EXPECT_NO_THROW(ExpertScheduler(opts({H::Cpu, H::Gpu})));                    // no streaming: none needed
+  try {
+    ExpertScheduler(opts({H::Stream}, 0, 0, 0));
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("layer 3"), std::string::npos) << e.what();
+  }
+  ExpertScheduler s(opts({H::Gpu, H::Gpu}));
+  std::vector<int> bad{0, 2};
+  EXPECT_THROW(s.plan(bad.data(), 2, true), Error);
+  EXPECT_STREQ(expert_home_name(H::Mixed), "mixed");
+}
+
+}  // namespace
+}  // namespace bigmoe
