@@ -12,8 +12,15 @@
 //                    [--synth gguf|fp8]   (writes MODEL first as `bigmoe synth` does if it is missing)
 //                    [--profile-step]      (one eager batch-1 decode step between cudaProfilerStart / Stop,
 //                                           for `ncu --profile-from-start off`)
+// Offload (issue 5): the routed experts placed as a plan says, and the measured decode speed beside
+// the planner's prediction for that layout:
+//   --plan FILE                       a plan file (`bigmoe plan --out`), or
+//   --machine FILE --layout NAME      plan here: the planner on this model and machine file, that layout
+//     [--gpu-mem GiB]                 (its GPU memory cap; the layout must fit unless it is all-gpu)
+//   --cache-slots N --cache-policy lru|lfu --cpu-threads N   the executor's runtime knobs
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <chrono>
@@ -21,11 +28,18 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "backend/cuda/glm_dsa_cuda.h"
+#include <nlohmann/json.hpp>
+
+#include "plan/expert_placement.h"
+#include "plan/machine.h"
+#include "plan/plan_file.h"
+#include "plan/planner.h"
 #include "model/synth.h"
 #include "util/error.h"
 
@@ -87,6 +101,9 @@ int main(int argc, char** argv) try {
   std::vector<int> prefill = {512, 4096}, batches = {1, 4};
   int steps = 32, ext_layers = 78, ext_dense = 3, ctx_prompt = 512;
   bool profile_step = false;
+  std::string plan_path, machine_path, layout, cache_policy = "lru";
+  double gpu_mem = 0;
+  int cache_slots = 0, cpu_threads = 0;
   std::string synth;
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
@@ -103,6 +120,13 @@ int main(int argc, char** argv) try {
     else if (a == "--dense") ext_dense = std::atoi(v);
     else if (a == "--prompt") ctx_prompt = std::atoi(v);
     else if (a == "--synth") synth = v;
+    else if (a == "--plan") plan_path = v;
+    else if (a == "--machine") machine_path = v;
+    else if (a == "--layout") layout = v;
+    else if (a == "--gpu-mem") gpu_mem = std::atof(v);
+    else if (a == "--cache-slots") cache_slots = std::atoi(v);
+    else if (a == "--cache-policy") cache_policy = v;
+    else if (a == "--cpu-threads") cpu_threads = std::atoi(v);
     else fail("unknown option {}", a);
   }
   cudaDeviceProp prop{};
@@ -132,6 +156,32 @@ int main(int argc, char** argv) try {
   o.max_sequences = max_batch;
   o.max_rows = std::max({max_prefill, ctx_prompt, 16});
   o.progress = true;
+  // Offload: the placement from a plan file or from the planner run here.
+  std::optional<plan::EnginePlan> ep;
+  if (!plan_path.empty()) {
+    ep = plan::load_plan_file(plan_path);
+  } else if (!layout.empty()) {
+    if (machine_path.empty()) fail("--layout needs --machine FILE");
+    plan::PlanOptions po;
+    po.ctx = o.max_context;
+    po.gpu_mem_gib = gpu_mem;
+    const plan::Plan pl = plan::make_plan(plan::load_plan_model(path.string(), std::nullopt),
+                                          plan::load_machine(machine_path), po);
+    int idx = -1;
+    for (size_t i = 0; i < pl.layouts.size(); ++i)
+      if (pl.layouts[i].name == layout) idx = int(i);
+    if (idx < 0) fail("--layout {}: no such layout for this model and machine", layout);
+    std::printf("planner (%s, gpu-mem %.1f GiB):\n%s\n", machine_path.c_str(), gpu_mem, plan::format_plan_table(pl).c_str());
+    ep = plan::plan_file_from_json(plan::plan_file_json(pl, idx), "bench_model --layout " + layout);
+  }
+  if (ep) {
+    plan::check_plan_against(*ep, c);
+    o.experts = plan::expert_placement(*ep);
+    o.experts.cache_slots = cache_slots;
+    o.experts.cache_policy = cache_policy;
+    o.experts.cpu_threads = cpu_threads;
+    std::printf("placement: %s\n", ep->summary().c_str());
+  }
   cuda::GlmDsaCuda g(*m, o);
   std::printf("model: %s, %d layers (%d MoE), %d experts top-%d, d %d, vocab %d; %.2f GiB on the device, "
               "loaded in %.0f s\n",
@@ -167,6 +217,7 @@ int main(int argc, char** argv) try {
               bw / double(bytes));
   std::printf("\n| batch | step ms | tokens/s | weight GB per step (<=) | roofline tok/s | fraction |\n|---|---|---|---|---|---|\n");
   std::vector<float> layer_ms;
+  std::vector<std::string> offload_lines;
   for (int B : batches) {
     std::vector<cuda::CudaSequence> seqs(B);
     std::vector<cuda::CudaSequence*> ptr;
@@ -177,6 +228,7 @@ int main(int argc, char** argv) try {
     }
     std::vector<double> t;
     for (int i = 0; i < steps + 3; ++i) {
+      if (i == 3) g.reset_offload_stats();
       std::vector<std::vector<int>> toks(B);
       for (auto& v : toks) v = {tok(rng)};
       double a = now_s();
@@ -184,6 +236,15 @@ int main(int argc, char** argv) try {
       if (i >= 3) t.push_back(now_s() - a);
     }
     const double st = median(t);
+    if (ep) {
+      const cuda::OffloadStats os = g.offload_stats();
+      const double n = double(steps);
+      offload_lines.push_back(fmt::format(
+          "| {} | {:.3f} | {:.1f} | {:.1f} | {:.2f} | {:.1f} | {:.1f} | {:.1f} | {:.2f} | {:.2f} | {:.2f} |", B, st * 1e3,
+          B / st, B == 1 ? ep->decode_tps_b1 : B == 4 ? ep->decode_tps_b4 : 0.0,
+          B == 1 ? (B / st) / ep->decode_tps_b1 : B == 4 ? (B / st) / ep->decode_tps_b4 : 0.0, os.streamed / n,
+          os.streamed_bytes / n / 1e6, os.cpu_bytes / n / 1e6, os.cache_hit_rate(), os.host_ms / n, os.cpu_ms / n));
+    }
     // Rows share the non-expert weights; their experts are counted as distinct (an upper bound).
     const double sb = double(g.decode_bytes_per_token(B));
     std::printf("| %d | %.3f | %.1f | %.3f | %.1f | %.2f |\n", B, st * 1e3, B / st, sb / 1e9, B * bw / sb,
@@ -213,6 +274,17 @@ int main(int argc, char** argv) try {
     for (auto& s : seqs) g.free_sequence(s);
   }
 
+  if (ep) {
+    std::printf("\nhost bytes per decode row: %.3f GB (routed experts off the GPU)\n",
+                g.decode_host_bytes_per_token() / 1e9);
+    std::printf("\noffload, layout %s: measured decode beside the planner's prediction (its bytes per path over the "
+                "machine file's bandwidths); per decode step: experts streamed, MB streamed, MB the CPU read, cache "
+                "hit rate, host ms (router sync to CPU result), of which CPU kernels\n\n",
+                ep->layout.c_str());
+    std::printf("| batch | step ms | tok/s | predicted tok/s | measured / predicted | streamed | MB streamed | MB CPU "
+                "| cache hits | host ms | CPU ms |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (auto& l : offload_lines) std::printf("%s\n", l.c_str());
+  }
   if (!layer_ms.empty()) {
     std::printf("\n| layer | kind | decode ms (batch 1) | weight MB read | GB/s | %% of copy |\n|---|---|---|---|---|---|\n");
     double dense = 0, moe = 0, dense_b = 0, moe_b = 0;

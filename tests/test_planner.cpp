@@ -568,7 +568,8 @@ TEST(Planner, H100TestMachine) {
   const LayoutResult& st = layout(p, "experts-streamed");
   const LayoutResult& cpu = layout(p, "experts-cpu");
   const LayoutResult& mix = layout(p, "mixed");
-  // Experts per token: 12 layers x 8 x 37757952 B; mixed moves them at 108 + 55 GB/s.
+  // Experts per token: 12 layers x 8 x 37757952 B; mixed moves them at min(108 + 55, 110) GB/s
+  // (host memory shared by the cores and the DMA), GPU-resident bytes at 3000 x 0.47 GB/s.
   const double e = 12.0 * 8 * 37757952;
   EXPECT_TRUE(st.fits);
   EXPECT_TRUE(cpu.fits);
@@ -576,10 +577,16 @@ TEST(Planner, H100TestMachine) {
   EXPECT_FALSE(layout(p, "all-gpu").fits);
   EXPECT_EQ(st.per_token.pcie, e);
   expect_rel(cpu.per_token.cpu - 2 * 6144, e);  // + the embedding row
-  const double g = st.per_token.gpu / 3000e9;
+  const double g = st.per_token.gpu / (3000e9 * 0.47);
   EXPECT_NEAR(1 / st.decode_tps_b1, g + e / 55e9, 1e-6);
-  EXPECT_NEAR(1 / mix.decode_tps_b1, g + e / 163e9, 1e-5);
+  EXPECT_NEAR(1 / mix.decode_tps_b1, g + e / 110e9, 1e-5);
   EXPECT_GT(mix.decode_tps_b1, cpu.decode_tps_b1);
+  // Without the shared-memory ceiling mixed moves at the sum, and the GPU term at the roofline.
+  Machine free = h;
+  free.nodes[0].mem_gbps = 0;
+  free.gpus[0].decode_efficiency = 1;
+  Plan q = make_plan(plan_model_from_config(s, {"fp8", ""}, "synth"), free, PlanOptions{});
+  EXPECT_NEAR(1 / layout(q, "mixed").decode_tps_b1, st.per_token.gpu / 3000e9 + e / 163e9, 1e-5);
   EXPECT_GT(cpu.decode_tps_b1, st.decode_tps_b1);
 }
 

@@ -119,18 +119,19 @@ Machine machine_from_json(const json& j, const std::string& source) {
   if (nodes.empty()) fail("{}: 'numa_nodes' must list at least one node", source);
   for (size_t i = 0; i < nodes.size(); ++i) {
     Obj o{nodes[i], source, fmt::format("numa_nodes[{}]", i)};
-    o.only({"memory_gib", "read_gbps", "cores", "tflops"});
+    o.only({"memory_gib", "read_gbps", "cores", "tflops", "mem_gbps"});
     NumaNode n;
     n.memory_gib = o.num("memory_gib", true);
     n.read_gbps = o.num("read_gbps", true);
     n.cores = o.integer("cores", true, 0, 1);
     n.tflops = o.num("tflops", false, 0.05 * n.cores);
+    n.mem_gbps = o.num("mem_gbps", false, 0.0);
     m.nodes.push_back(n);
   }
   const json& gpus = top.arr("gpus", false);
   for (size_t i = 0; i < gpus.size(); ++i) {
     Obj o{gpus[i], source, fmt::format("gpus[{}]", i)};
-    o.only({"name", "memory_gib", "mem_gbps", "h2d_gbps", "numa_node", "tflops"});
+    o.only({"name", "memory_gib", "mem_gbps", "h2d_gbps", "numa_node", "tflops", "decode_efficiency"});
     GpuSpec g;
     g.name = o.str("name", fmt::format("gpu{}", i));
     g.memory_gib = o.num("memory_gib", true);
@@ -138,6 +139,9 @@ Machine machine_from_json(const json& j, const std::string& source) {
     g.h2d_gbps = o.num("h2d_gbps", true);
     g.tflops = o.num("tflops", true);
     g.numa_node = o.integer("numa_node", false, 0, 0);
+    g.decode_efficiency = o.num("decode_efficiency", false, 1.0);
+    if (!(g.decode_efficiency > 0 && g.decode_efficiency <= 1))
+      fail("{}: field '{}' = {} must be in (0, 1]", source, o.field("decode_efficiency"), g.decode_efficiency);
     if (g.numa_node >= int(m.nodes.size()))
       fail("{}: field '{}' = {} but the file lists {} NUMA node(s)", source, o.field("numa_node"), g.numa_node,
            m.nodes.size());
@@ -172,11 +176,14 @@ json machine_to_json(const Machine& m) {
                          {"mem_gbps", g.mem_gbps},
                          {"h2d_gbps", g.h2d_gbps},
                          {"numa_node", g.numa_node},
-                         {"tflops", g.tflops}});
+                         {"tflops", g.tflops},
+                         {"decode_efficiency", g.decode_efficiency}});
   j["numa_nodes"] = json::array();
-  for (auto& n : m.nodes)
+  for (auto& n : m.nodes) {
     j["numa_nodes"].push_back(
         {{"memory_gib", n.memory_gib}, {"read_gbps", n.read_gbps}, {"cores", n.cores}, {"tflops", n.tflops}});
+    if (n.mem_gbps > 0) j["numa_nodes"].back()["mem_gbps"] = n.mem_gbps;
+  }
   j["remote_h2d_gbps"] = m.remote_h2d_gbps;
   j["p2p_gbps"] = m.p2p_gbps;
   return j;

@@ -20,6 +20,9 @@ struct GpuSpec {
   double h2d_gbps = 0;    // pinned host memory of `numa_node` -> this GPU
   int numa_node = 0;      // the NUMA node the GPU is attached to
   double tflops = 0;      // dense GEMM throughput for prefill (TFLOP/s)
+  // Share of mem_gbps the engine's decode kernels reach on GPU-resident bytes (bench_model's
+  // all-GPU "fraction"); 1 = the roofline. Optional, default 1.
+  double decode_efficiency = 1.0;
 };
 
 struct NumaNode {
@@ -27,6 +30,9 @@ struct NumaNode {
   double read_gbps = 0;  // host memory read bandwidth of this node, all its cores reading
   int cores = 0;
   double tflops = 0;  // CPU GEMM throughput (prefill without a GPU); 0 in a file = cores x 0.05
+  // Host memory bandwidth the CPU's reads and the link's DMA reads share (GB/s); 0 = not a limit
+  // (optional). Caps a mixed step: its bytes move at min(read + link, mem).
+  double mem_gbps = 0;
 };
 
 struct Machine {

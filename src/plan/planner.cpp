@@ -907,13 +907,16 @@ LayoutResult evaluate(const Ctx& c, const Spec& s, const std::vector<int>& gpus,
         t = tot / (cpu_read * 1e9);
         pb[k].cpu += tot;
       } else {
-        t += (a.gpu + kvb) / (gs->mem_gbps * 1e9);
+        t += (a.gpu + kvb) / (gs->mem_gbps * gs->decode_efficiency * 1e9);
         pb[k].gpu += a.gpu + kvb;
         for (int n = 0; n < N; ++n) {
           const double rd = mc.nodes[size_t(n)].read_gbps * 1e9, ln = mc.link_gbps(g, n) * 1e9;
           const double cb = a.cpu[size_t(n)], sb = a.stream[size_t(n)], mb = a.mixed[size_t(n)];
           cpu_max = std::max(cpu_max, cb / rd);
-          t += sb / ln + mb / (rd + ln);
+          // Mixed: both paths at once, unless host memory itself (read by the cores and by the
+          // link's DMA) is the ceiling.
+          const double mem = mc.nodes[size_t(n)].mem_gbps * 1e9;
+          t += sb / ln + mb / (mem > 0 ? std::min(rd + ln, mem) : rd + ln);
           // CPU work on routed experts sends the hidden state over and the result back (bf16);
           // the embedding row is a lookup and sends nothing back
           double act = 0;
