@@ -93,6 +93,11 @@ struct GlmDsaCuda::Impl {
   const ModelConfig& c;
   GlmDsaCudaOptions opt;
   cudaStream_t stream = nullptr;
+  // Decode steps run the shared expert on `side`, beside the router and the routed experts
+  // (forked and joined by events; captured into the graph the same way).
+  cudaStream_t side = nullptr;
+  cudaEvent_t ev_fork = nullptr, ev_join = nullptr;
+  float *sh_g = nullptr, *sh_u = nullptr;  // the shared expert's own activations
   std::vector<void*> allocations;
   size_t resident = 0;
 
@@ -139,6 +144,9 @@ struct GlmDsaCuda::Impl {
     for (auto& g : graphs)
       if (g.second.exec) cudaGraphExecDestroy(g.second.exec);
     for (auto& e : events) cudaEventDestroy(e);
+    if (ev_fork) cudaEventDestroy(ev_fork);
+    if (ev_join) cudaEventDestroy(ev_join);
+    if (side) cudaStreamDestroy(side);
     if (stream) cudaStreamDestroy(stream);
   }
 
@@ -473,6 +481,9 @@ struct GlmDsaCuda::Impl {
       route_w = alloc<float>(R * K * 4, "router weights");
       ye = alloc<float>(R * K * d * 4, "expert outputs");
       ys = alloc<float>(R * d * 4, "shared expert output");
+      const size_t sh = size_t(std::min(R, size_t(kDecodeRows))) * c.moe_intermediate_size * std::max(1, c.n_shared_experts);
+      sh_g = alloc<float>(sh * 4, "shared expert activations");
+      sh_u = alloc<float>(sh * 4, "shared expert activations");
       slot_rows = alloc<int>(R * K * 4, "expert slots");
       slot_tokens = alloc<int>(R * K * 4, "expert slots");
       xe = alloc<float>(R * d * 4, "expert inputs");
@@ -631,6 +642,28 @@ struct GlmDsaCuda::Impl {
       return;
     }
     const int E = c.n_routed_experts, K = c.num_experts_per_tok, mi = c.moe_intermediate_size;
+    // The shared expert: in a decode step on the side stream, concurrent with the routed path
+    // (it reads only h and writes only its own buffers; prefill products share the BF16 scratch,
+    // so they stay in order).
+    auto shared_expert = [&](float* g, float* u) {
+      linear_group(b.f_sh, {&b.sh_gate, &b.sh_up}, {g, u}, h, R);
+      silu_mul(g, u, size_t(R) * b.sh_gate.out, g, stream);
+      linear(b.sh_down, g, R, ys);
+    };
+    const bool has_shared = b.sh_gate.present(), par = has_shared && R <= kDecodeRows;
+    if (par) {
+      check(cudaEventRecord(ev_fork, stream), "cudaEventRecord");
+      check(cudaStreamWaitEvent(side, ev_fork, 0), "cudaStreamWaitEvent");
+      std::swap(stream, side);  // the ops below enqueue on `stream`
+      try {
+        shared_expert(sh_g, sh_u);
+      } catch (...) {
+        std::swap(stream, side);
+        throw;
+      }
+      std::swap(stream, side);
+      check(cudaEventRecord(ev_join, side), "cudaEventRecord");
+    }
     linear(b.router, h, R, logits);
     moe_route(logits, b.correction_bias, R, E, c.n_group, c.topk_group, K, c.norm_topk_prob,
               float(c.routed_scaling_factor), ids, route_w, stream);
@@ -648,10 +681,11 @@ struct GlmDsaCuda::Impl {
       prefill_experts(b, R);
     }
     const float* shared = nullptr;
-    if (b.sh_gate.present()) {
-      linear_group(b.f_sh, {&b.sh_gate, &b.sh_up}, {ffn_g, ffn_u}, h, R);
-      silu_mul(ffn_g, ffn_u, size_t(R) * b.sh_gate.out, ffn_g, stream);
-      linear(b.sh_down, ffn_g, R, ys);
+    if (par) {
+      check(cudaStreamWaitEvent(stream, ev_join, 0), "cudaStreamWaitEvent");
+      shared = ys;
+    } else if (has_shared) {
+      shared_expert(ffn_g, ffn_u);
       shared = ys;
     }
     moe_combine(ye, route_w, R, K, d, shared, x, stream);
@@ -732,6 +766,9 @@ GlmDsaCuda::GlmDsaCuda(const GlmDsaModel& model, const GlmDsaCudaOptions& opt) :
   const ModelConfig& c = cfg_;
   if (c.hidden_size % 4 != 0) fail("GlmDsaCuda: hidden_size {} is not a multiple of 4", c.hidden_size);
   check(cudaStreamCreateWithFlags(&I.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  check(cudaStreamCreateWithFlags(&I.side, cudaStreamNonBlocking), "cudaStreamCreate");
+  check(cudaEventCreateWithFlags(&I.ev_fork, cudaEventDisableTiming), "cudaEventCreate");
+  check(cudaEventCreateWithFlags(&I.ev_join, cudaEventDisableTiming), "cudaEventCreate");
   const int L = c.num_hidden_layers;
   ExpertOffload::validate(c, model.layers(), opt.experts);
   if (opt.experts.any_host())

@@ -359,6 +359,12 @@ template <>
 struct QTask<WeightFormat::Q4_K> {
   static constexpr int LANES = 16;
 };
+// Lanes per block: Q4_K at B = 1 takes 32-weight tasks (8 lanes a block), so each lane decodes
+// a block's scales for twice the weights (the scale decode is a third of the work at 16).
+template <WeightFormat F, int NB>
+constexpr int q_lanes() {
+  return F == WeightFormat::Q4_K && NB == 1 ? 8 : QTask<F>::LANES;
+}
 template <>
 struct QTask<WeightFormat::Q6_K> {
   static constexpr int LANES = 8;
@@ -387,13 +393,13 @@ struct QStage {
 extern __shared__ uint4 matvec_qsmem[];
 
 template <WeightFormat F, int NB, int R, bool G>
-__global__ void __launch_bounds__(kThreads) matvec_quant(const uint8_t* __restrict__ w, int out, int in,
+__global__ void __launch_bounds__(kThreads, (F == WeightFormat::Q4_K && NB == 1) ? 3 : 1) matvec_quant(const uint8_t* __restrict__ w, int out, int in,
                                                          const float* __restrict__ x, int B,
                                                          float* __restrict__ y, int ksplit, Slots sl, OutSplit os) {
   using T = QTraits<F>;
   using S = QStage<F, R>;
   constexpr int GR = S::GR, STAGE = S::STAGE, MAXC = S::MAXC;
-  constexpr int LANES_PER_BLOCK = QTask<F>::LANES;            // lanes sharing one block
+  constexpr int LANES_PER_BLOCK = q_lanes<F, NB>();           // lanes sharing one block
   constexpr int BLOCKS_PER_PASS = 32 / LANES_PER_BLOCK;
   // Two stages per warp: the run of blocks of step i + 1 is in flight (cp.async) while step i
   // is decoded, so a warp always has loads outstanding.
@@ -482,6 +488,53 @@ __global__ void __launch_bounds__(kThreads) matvec_quant(const uint8_t* __restri
               for (int j = 0; j < 8; ++j) s = fmaf(q[r][j], xv[j], s);
               acc[r][b] = fmaf(d[r], s, acc[r][b]);
             }
+          }
+        } else if constexpr (F == WeightFormat::Q4_K && NB == 1) {
+          // 8 lanes a block: lane li takes the 16 bytes of qs at 32 k + l0 (k = li / 2, l0 = 0 or
+          // 16): 16 weights of sub-block 2k (low nibbles) and 16 of 2k + 1 (high nibbles). x is
+          // loaded once for the R rows; each row's scales are decoded once per 32 weights.
+          const int k = li / 2, l0 = 16 * (li % 2), j0 = 2 * (k & 1);
+          float xa[16], xb[16];
+          const float* xp = xblk + 64 * k + l0;
+          load_x(xp, xa);
+          load_x(xp + 32, xb);
+          float X0 = 0.f, X1 = 0.f;
+#pragma unroll
+          for (int j = 0; j < 16; ++j) X0 += xa[j], X1 += xb[j];
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const uint8_t* bp = sb[r] + blk * T::BS;  // 16-byte aligned
+            const uint4 h = *reinterpret_cast<const uint4*>(bp);
+            const uint4 qv = *reinterpret_cast<const uint4*>(bp + 16 + 32 * k + l0);
+            const float2 dd = __half22float2(*reinterpret_cast<const __half2*>(&h.x));
+            uint32_t scw, mw;
+            if (k < 2) {
+              scw = h.y & 0x3F3F3F3Fu;
+              mw = h.z & 0x3F3F3F3Fu;
+            } else {
+              scw = (h.w & 0x0F0F0F0Fu) | ((h.y >> 2) & 0x30303030u);
+              mw = ((h.w >> 4) & 0x0F0F0F0Fu) | ((h.z >> 2) & 0x30303030u);
+            }
+            const float nd = -dd.x * 8388608.f, nm = -dd.y * 8388608.f;  // exact (power of 2)
+            const float dl0 = fmaf(dd.x, f2p23(scw, j0), nd), dl1 = fmaf(dd.x, f2p23(scw, j0 + 1), nd);
+            const float ml0 = fmaf(dd.y, f2p23(mw, j0), nm), ml1 = fmaf(dd.y, f2p23(mw, j0 + 1), nm);
+            const uint32_t q4[4] = {qv.x, qv.y, qv.z, qv.w};
+            float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+            for (int w4 = 0; w4 < 4; ++w4) {
+              const uint32_t lo = q4[w4] & 0x0F0F0F0Fu, hi = (q4[w4] >> 4) & 0x0F0F0F0Fu;
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                s0 = fmaf(f128(lo, j), xa[4 * w4 + j], s0);
+                s1 = fmaf(f128(hi, j), xb[4 * w4 + j], s1);
+              }
+            }
+            float a = acc[r][0];
+            a = fmaf(dl0, fmaf(-128.f, X0, s0), a);
+            a = fmaf(-ml0, X0, a);
+            a = fmaf(dl1, fmaf(-128.f, X1, s1), a);
+            a = fmaf(-ml1, X1, a);
+            acc[r][0] = a;
           }
         } else if constexpr (F == WeightFormat::Q4_K) {
           const int k = li / 4, l0 = 8 * (li % 4), j0 = 2 * (k & 1);
