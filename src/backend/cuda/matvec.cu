@@ -670,6 +670,14 @@ int quant_rows_b12() {
   return r;
 }
 
+int grouped_rows() {
+  static int r = [] {
+    const char* e = std::getenv("BIGMOE_MATVEC_GROWS");
+    return e && std::atoi(e) == 2 ? 2 : 4;
+  }();
+  return r;
+}
+
 // One launch: a plain matvec (S = 1, sl.ids == nullptr) or a grouped one (S slots, B = 1).
 struct Problem {
   WeightFormat fmt;
@@ -706,7 +714,10 @@ void launch_quant_r(const Problem& p, cudaStream_t s) {
 template <WeightFormat F, int NB>
 void launch_quant(const Problem& p, cudaStream_t s) {
   if constexpr (NB == 1) {
-    if (p.sl.ids != nullptr) return launch_quant_r<F, 1, 4, true>(p, s);  // grouped: the default R
+    if (p.sl.ids != nullptr) {  // grouped: R = 4 (BIGMOE_MATVEC_GROWS=2 for 2, a tuning knob)
+      if (grouped_rows() == 2) return launch_quant_r<F, 1, 2, true>(p, s);
+      return launch_quant_r<F, 1, 4, true>(p, s);
+    }
   }
   if constexpr (NB <= 2) {
     const int r = quant_rows_b12();
