@@ -83,12 +83,17 @@ __m256i _mm256_set_m128i(__m128i hi, __m128i lo) {
   return r;
 }
 
+// The aligned forms fault on an address that is not a multiple of 64, as the hardware does.
+const void* aligned64(const void* p, const char* op) {
+  if (reinterpret_cast<uintptr_t>(p) % 64) fail("AMX emulation: {} at {}, not 64-byte aligned", op, p);
+  return p;
+}
 __m512i _mm512_loadu_si512(const void* p) { return load<__m512i>(p); }
-__m512i _mm512_load_si512(const void* p) { return load<__m512i>(p); }
-void _mm512_store_si512(void* p, __m512i v) { std::memcpy(p, v.b, 64); }
+__m512i _mm512_load_si512(const void* p) { return load<__m512i>(aligned64(p, "_mm512_load_si512")); }
+void _mm512_store_si512(void* p, __m512i v) { std::memcpy(const_cast<void*>(aligned64(p, "_mm512_store_si512")), v.b, 64); }
 __m512 _mm512_loadu_ps(const void* p) { return load<__m512>(p); }
-__m512 _mm512_load_ps(const void* p) { return load<__m512>(p); }
-void _mm512_store_ps(void* p, __m512 v) { std::memcpy(p, v.b, 64); }
+__m512 _mm512_load_ps(const void* p) { return load<__m512>(aligned64(p, "_mm512_load_ps")); }
+void _mm512_store_ps(void* p, __m512 v) { std::memcpy(const_cast<void*>(aligned64(p, "_mm512_store_ps")), v.b, 64); }
 void _mm512_storeu_ps(void* p, __m512 v) { std::memcpy(p, v.b, 64); }
 
 __m512 _mm512_setzero_ps() { return zero<__m512>(); }
