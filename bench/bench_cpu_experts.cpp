@@ -9,10 +9,16 @@
 // The experts are copies of one random expert, enough of them that one pass over all copies
 // streams at least --mem-mib (and at least 16 experts), and successive calls take the next ones,
 // so the weights come from memory, not from the caches. Time per call: median over --seconds.
+// rows/s counts (token, expert) rows: experts × batch per call.
+//
+// AMX: --isa amx runs Q4_K / Q8_0 jobs of at least --amx-min-rows rows (default kAmxMinRows)
+// on the tile kernels and the rest on AVX-512 VNNI. --amx is the comparison that places that
+// threshold: Q4_K and Q8_0, avx512vnni against amx with every job on tiles (--amx-min-rows 1),
+// at 1, 16, 64 and 256 rows per expert (later flags override these).
 //
 // Usage: bench_cpu_experts [--threads N] [--numa-node N] [--formats q4_k,q8_0,fp8,bf16]
-//                          [--isa avx2,avx512vnni,scalar] [--batch 1,4] [--experts 1,8]
-//                          [--mem-mib 1024] [--seconds 1]
+//                          [--isa avx2,avx512vnni,amx,scalar] [--batch 1,4] [--experts 1,8]
+//                          [--amx-min-rows N] [--amx] [--mem-mib 1024] [--seconds 1]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -207,15 +213,15 @@ ExpertFormat parse_format(const std::string& s) {
 }
 
 CpuIsa parse_isa(const std::string& s) {
-  for (CpuIsa i : {CpuIsa::Scalar, CpuIsa::AVX2, CpuIsa::AVX512})
+  for (CpuIsa i : {CpuIsa::Scalar, CpuIsa::AVX2, CpuIsa::AVX512, CpuIsa::AMX})
     if (s == cpu_isa_name(i) || (i == CpuIsa::AVX512 && s == "avx512")) return i;
-  fail("unknown ISA '{}' (scalar, avx2, avx512vnni)", s);
+  fail("unknown ISA '{}' (scalar, avx2, avx512vnni, amx)", s);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) try {
-  int threads = 0, numa_node = -1;
+  int threads = 0, numa_node = -1, amx_min_rows = kAmxMinRows;
   double seconds = 1.0;
   size_t mem = size_t(1024) << 20;
   std::vector<std::string> formats = {"q4_k", "q8_0", "fp8", "bf16"}, isas;
@@ -232,6 +238,12 @@ int main(int argc, char** argv) try {
       return v;
     };
     if (a == "--threads") threads = std::atoi(val().c_str());
+    else if (a == "--amx") {
+      formats = {"q4_k", "q8_0"};
+      isas = {"avx512vnni", "amx"};
+      batches = {1, 16, 64, 256};
+      amx_min_rows = 1;
+    } else if (a == "--amx-min-rows") amx_min_rows = std::atoi(val().c_str());
     else if (a == "--numa-node") numa_node = std::atoi(val().c_str());
     else if (a == "--formats") formats = split(val());
     else if (a == "--isa") isas = split(val());
@@ -241,19 +253,23 @@ int main(int argc, char** argv) try {
     else if (a == "--seconds") seconds = std::atof(val().c_str());
     else if (a == "-h" || a == "--help") {
       std::printf("usage: bench_cpu_experts [--threads N] [--numa-node N] [--formats q4_k,q8_0,fp8,bf16]\n"
-                  "                         [--isa avx2,avx512vnni,scalar] [--batch 1,4] [--experts 1,8]\n"
-                  "                         [--mem-mib 1024] [--seconds 1]\n");
+                  "                         [--isa avx2,avx512vnni,amx,scalar] [--batch 1,4] [--experts 1,8]\n"
+                  "                         [--amx-min-rows N] [--amx] [--mem-mib 1024] [--seconds 1]\n"
+                  "  --amx: q4_k,q8_0 on avx512vnni,amx at batch 1,16,64,256 with --amx-min-rows 1\n");
       return 0;
     } else fail("unknown argument '{}' (--help)", a);
   }
   std::vector<CpuIsa> isa_list;
   if (isas.empty()) {
-    for (CpuIsa i : {CpuIsa::AVX2, CpuIsa::AVX512})
+    for (CpuIsa i : {CpuIsa::AVX2, CpuIsa::AVX512, CpuIsa::AMX})
       if (cpu_isa_supported(i)) isa_list.push_back(i);
     if (isa_list.empty()) isa_list.push_back(CpuIsa::Scalar);
   } else {
     for (auto& s : isas) isa_list.push_back(parse_isa(s));
   }
+  for (CpuIsa i : isa_list)
+    if (!cpu_isa_supported(i)) fail("this CPU cannot run {} (best: {})", cpu_isa_name(i), cpu_isa_name(cpu_isa_best()));
+  if (amx_min_rows < 1) fail("--amx-min-rows {} (>= 1 expected)", amx_min_rows);
 
   ThreadPool pool(threads, numa_node);
   pool.pin_caller();  // this thread is worker 0
@@ -263,10 +279,11 @@ int main(int argc, char** argv) try {
               numa_node >= 0 ? (" on node " + std::to_string(numa_node)).c_str() : "", cpu_isa_name(cpu_isa_best()),
               numa_node_count());
   const double bw = read_bandwidth<false>(pool, mem), bw_pf = read_bandwidth<true>(pool, mem);
-  std::printf("host read bandwidth (%d threads, sum over %zu MiB): %.1f GB/s (with software prefetch: %.1f GB/s)\n\n",
+  std::printf("host read bandwidth (%d threads, sum over %zu MiB): %.1f GB/s (with software prefetch: %.1f GB/s)\n",
               pool.size(), mem >> 20, bw / 1e9, bw_pf / 1e9);
-  std::printf("| format | ISA | experts | batch | MiB/call | ms/call | GB/s | of read bw |\n");
-  std::printf("|---|---|---|---|---|---|---|---|\n");
+  std::printf("amx: Q4_K / Q8_0 jobs of >= %d rows on tiles\n\n", amx_min_rows);
+  std::printf("| format | ISA | experts | batch | MiB/call | ms/call | rows/s | GB/s | of read bw |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
 
   std::mt19937 rng(1);
   for (const std::string& fs : formats) {
@@ -291,7 +308,7 @@ int main(int argc, char** argv) try {
     std::normal_distribution<float> nd;
     for (auto& v : x) v = nd(rng);
     for (CpuIsa isa : isa_list) {
-      ExpertRunner runner(pool, isa);
+      ExpertRunner runner(pool, isa, amx_min_rows);
       for (int ne : n_experts)
         for (int b : batches) {
           std::vector<ExpertJob> jobs(static_cast<size_t>(ne));
@@ -316,8 +333,9 @@ int main(int argc, char** argv) try {
           const double start = now_s();
           while (t.size() < 5 || (now_s() - start < seconds && t.size() < 100000)) t.push_back(call());
           const double tm = median(t), bytes = double(eb) * ne;
-          std::printf("| %s | %s | %d | %d | %.1f | %.3f | %.1f | %.2f |\n", expert_format_name(fmt), cpu_isa_name(isa), ne,
-                      b, bytes / (1 << 20), tm * 1e3, bytes / tm / 1e9, bytes / tm / bw);
+          std::printf("| %s | %s | %d | %d | %.1f | %.3f | %.0f | %.1f | %.2f |\n", expert_format_name(fmt),
+                      cpu_isa_name(isa), ne, b, bytes / (1 << 20), tm * 1e3, double(ne) * b / tm, bytes / tm / 1e9,
+                      bytes / tm / bw);
           std::fflush(stdout);
         }
     }

@@ -9,6 +9,10 @@
 // in any kernel). SIMD kernels are also checked against the scalar kernel on the same packed
 // layout, where only the float term remains. The whole expert FFN is checked with the same
 // bounds carried through silu(g)·u and the down projection.
+//
+// The AMX tile kernels form the AVX2 kernels' integers and float operations, so they are held
+// to those bit for bit; their emulation (expert_kernels_amx.h) runs everywhere, the hardware
+// only on AMX machines, where it must also match the emulation bit for bit.
 #include <gtest/gtest.h>
 #include <sched.h>
 
@@ -23,6 +27,7 @@
 #include <vector>
 
 #include "backend/cpu/expert_kernels.h"
+#include "backend/cpu/expert_kernels_amx.h"
 #include "backend/cpu/ref_ops.h"
 #include "backend/cpu/thread_pool.h"
 #include "tensor/dtype.h"
@@ -41,7 +46,7 @@ namespace {
 
 constexpr double kU = 1.0 / (1 << 24);  // unit roundoff of float32
 
-const CpuIsa kIsas[] = {CpuIsa::Scalar, CpuIsa::AVX2, CpuIsa::AVX512};
+const CpuIsa kIsas[] = {CpuIsa::Scalar, CpuIsa::AVX2, CpuIsa::AVX512, CpuIsa::AMX};
 const ExpertFormat kFormats[] = {ExpertFormat::Q4_K, ExpertFormat::Q8_0, ExpertFormat::FP8, ExpertFormat::BF16};
 
 std::mt19937& rng() {
@@ -498,7 +503,8 @@ Dims dims_for(ExpertFormat f) {
 // checks every output element against the reference within the summed bounds. Returns y.
 std::vector<float> check_moe(const std::vector<SrcExpert*>& experts, int T, ThreadPool& pool, CpuIsa isa,
                              const std::vector<float>& x, const std::vector<float>& y0,
-                             const std::vector<std::vector<int>>& route, const std::vector<std::vector<float>>& wts) {
+                             const std::vector<std::vector<int>>& route, const std::vector<std::vector<float>>& wts,
+                             int amx_min_rows = kAmxMinRows) {
   const int dm = experts[0]->gate->in;
   std::vector<ExpertJob> jobs(experts.size());
   for (size_t j = 0; j < experts.size(); ++j) {
@@ -510,7 +516,7 @@ std::vector<float> check_moe(const std::vector<SrcExpert*>& experts, int T, Thre
   }
   std::vector<float> y = y0;
   for (auto& job : jobs) job.y = y.data();
-  ExpertRunner runner(pool, isa);
+  ExpertRunner runner(pool, isa, amx_min_rows);
   runner.run_experts(jobs);
 
   std::vector<double> want(y0.begin(), y0.end()), bound(size_t(T) * dm, 0.0), mag(size_t(T) * dm, 0.0);
@@ -607,6 +613,200 @@ TEST(ExpertFfnMixed, FormatsPerMatrixAndInPlace) {
   }
 }
 
+// ---- AMX tiles ----
+
+// The int8 activations of T tokens as the runner holds them (ActBuf: whole 16-token tiles).
+struct TileActs {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int16_t> s;
+};
+TileActs tile_acts(ExpertFormat f, const std::vector<float>& x, int T, int K) {
+  const int Tp = (T + amx::kTileTokens - 1) / amx::kTileTokens * amx::kTileTokens, nb = K / act_block(f);
+  TileActs a;
+  a.q.assign(size_t(Tp) * K, 0);
+  a.d.assign(size_t(Tp) * nb, 0.0f);
+  a.s.assign(size_t(Tp) * (K / 32), 0);
+  for (int t = 0; t < T; ++t) {
+    const QuantizedRow r = quantize_activation_row(f, x.data() + size_t(t) * K, K, CpuIsa::Scalar);
+    std::copy(r.q.begin(), r.q.end(), a.q.begin() + ptrdiff_t(t) * K);
+    std::copy(r.d.begin(), r.d.end(), a.d.begin() + ptrdiff_t(t) * nb);
+    std::copy(r.sum.begin(), r.sum.end(), a.s.begin() + ptrdiff_t(t) * (K / 32));
+  }
+  return a;
+}
+
+// y [T, out] from the tile kernel `fn`, called for the given 16-row chunks as the runner calls it
+// (NaN in the other rows).
+std::vector<float> run_tile_chunks(amx::ChunkFn fn, const PackedMatrix& W, const TileActs& a, int T,
+                                   const std::vector<int>& chunks) {
+  std::vector<float> y(size_t(T) * W.out(), NAN), yc(size_t(T) * 16);
+  for (int ch : chunks) {
+    amx::Chunk c;
+    c.tile0 = W.tile(2 * ch);
+    c.tile1 = 2 * ch + 1 < W.n_tiles() ? W.tile(2 * ch + 1) : c.tile0;
+    c.K = W.in();
+    c.q = a.q.data(), c.d = a.d.data(), c.s = a.s.data();
+    c.nt = T;
+    c.y = yc.data(), c.ldy = 16;
+    std::fill(yc.begin(), yc.end(), NAN);
+    fn(c);
+    for (int t = 0; t < T; ++t)
+      for (int n = 0; n < 16 && 16 * ch + n < W.out(); ++n)
+        y[size_t(t) * W.out() + 16 * ch + n] = yc[size_t(t) * 16 + n];
+  }
+  return y;
+}
+
+// Odd row counts (a chunk of one 8-row tile, a partial tile), k over several staging slabs
+// (Q4_K: 512 k, Q8_0: 1024 k) and GLM-5.2's expert matrices: gate / up [2048, 6144], down
+// [6144, 2048].
+std::vector<std::pair<int, int>> tile_shapes(ExpertFormat f) {
+  if (f == ExpertFormat::Q4_K) return {{37, 256}, {8, 768}, {24, 2560}, {2048, 6144}, {6144, 2048}};
+  return {{37, 96}, {8, 32}, {29, 1120}, {2048, 6144}, {6144, 2048}};
+}
+const int kTileRowCounts[] = {1, 7, 16, 33, 64};
+
+// Every chunk of a small matrix; of a large one the first two, one in the middle and the last.
+std::vector<int> chunks_to_check(int out) {
+  const int n = (out + 15) / 16;
+  std::vector<int> c;
+  if (n <= 8)
+    for (int i = 0; i < n; ++i) c.push_back(i);
+  else
+    c = {0, 1, n / 2, n - 1};
+  return c;
+}
+
+amx::ChunkFn tile_kernel(ExpertFormat f, bool hw) {
+  if (f == ExpertFormat::Q4_K) return hw ? amx::q4k_chunk_hw : amx::q4k_chunk_emu;
+  return hw ? amx::q80_chunk_hw : amx::q80_chunk_emu;
+}
+
+// Over the rows of `chunks`: y equals `want` bit for bit and is within the reference's bound.
+void expect_tile_rows(const Src& src, const std::vector<float>& x, int T, const std::vector<int>& chunks,
+                      const std::vector<float>& y, const std::vector<float>& want, const char* what) {
+  for (int t = 0; t < T; ++t) {
+    std::vector<double> xd(x.begin() + ptrdiff_t(t) * src.in, x.begin() + ptrdiff_t(t + 1) * src.in), xa(xd);
+    for (auto& v : xa) v = std::abs(v);
+    for (int ch : chunks)
+      for (int o = 16 * ch; o < std::min(16 * ch + 16, src.out); ++o) {
+        const size_t k = size_t(t) * src.out + o;
+        ASSERT_EQ(bits(y[k]), bits(want[k])) << "row " << o << " token " << t << ": " << y[k] << " vs " << what << " "
+                                             << want[k];
+        const RowRef ref = row_ref(src, o, xd.data(), xa.data());
+        ASSERT_LE(std::abs(y[k] - ref.val), ref.bound()) << "row " << o << " token " << t << ": " << y[k] << " vs " << ref.val;
+      }
+  }
+}
+
+// The tile kernels' source on scalar stand-ins of the intrinsics (runs on any CPU): the AVX2
+// kernels' results bit for bit, at every row count.
+TEST(ExpertAmxTiles, EmulationMatchesAvx2AndReference) {
+  SKIP_IF_UNSUPPORTED(CpuIsa::AVX2);
+  ThreadPool pool(2, -1, false);
+  for (ExpertFormat fmt : {ExpertFormat::Q4_K, ExpertFormat::Q8_0})
+    for (auto [out, in] : tile_shapes(fmt)) {
+      auto src = make_src(fmt, out, in);
+      PackedMatrix W = PackedMatrix::pack(src->lin);
+      const std::vector<int> chunks = chunks_to_check(out);
+      for (int T : kTileRowCounts) {
+        SCOPED_TRACE(::testing::Message() << expert_format_name(fmt) << " [" << out << ", " << in << "] T=" << T);
+        const std::vector<float> x = random_x(T, in);
+        std::vector<float> y2(size_t(T) * out, NAN);
+        packed_linear(W, x.data(), T, y2.data(), pool, CpuIsa::AVX2);
+        const std::vector<float> ye = run_tile_chunks(tile_kernel(fmt, false), W, tile_acts(fmt, x, T, in), T, chunks);
+        expect_tile_rows(*src, x, T, chunks, ye, y2, "avx2");
+      }
+    }
+}
+
+// The hardware (AMX machines only), forced onto tiles at every row count: the emulation and the
+// AVX2 kernels bit for bit, AVX512 bit for bit (Q4_K) or within both kernels' float bounds
+// (Q8_0, whose AVX512 kernel rounds two half-row sums), the scalar kernel within the float
+// bound, the same bits from any thread count.
+TEST(ExpertAmxTiles, HardwareMatchesEmulationAvx2VnniAndScalar) {
+  SKIP_IF_UNSUPPORTED(CpuIsa::AMX);
+  ThreadPool pool(0, -1, false), pool3(3, -1, false);
+  for (ExpertFormat fmt : {ExpertFormat::Q4_K, ExpertFormat::Q8_0})
+    for (auto [out, in] : tile_shapes(fmt)) {
+      auto src = make_src(fmt, out, in);
+      PackedMatrix W = PackedMatrix::pack(src->lin);
+      const std::vector<int> chunks = chunks_to_check(out);
+      for (int T : kTileRowCounts) {
+        SCOPED_TRACE(::testing::Message() << expert_format_name(fmt) << " [" << out << ", " << in << "] T=" << T);
+        const std::vector<float> x = random_x(T, in);
+        const size_t n = size_t(T) * out;
+        std::vector<float> y(n, NAN), y3(n, NAN), y2(n, NAN), y5(n, NAN), ys(n, NAN);
+        packed_linear(W, x.data(), T, y.data(), pool, CpuIsa::AMX, 1);
+        packed_linear(W, x.data(), T, y3.data(), pool3, CpuIsa::AMX, 1);
+        packed_linear(W, x.data(), T, y2.data(), pool, CpuIsa::AVX2);
+        packed_linear(W, x.data(), T, y5.data(), pool, CpuIsa::AVX512);
+        packed_linear(W, x.data(), T, ys.data(), pool, CpuIsa::Scalar);
+        for (size_t k = 0; k < n; ++k) {
+          ASSERT_EQ(bits(y[k]), bits(y3[k])) << "3 threads changed output " << k;
+          ASSERT_EQ(bits(y[k]), bits(y2[k])) << "output " << k << ": " << y[k] << " vs avx2 " << y2[k];
+          if (fmt == ExpertFormat::Q4_K) {
+            ASSERT_EQ(bits(y[k]), bits(y5[k])) << "output " << k << " vs avx512vnni";
+          }
+        }
+        const TileActs a = tile_acts(fmt, x, T, in);
+        const std::vector<float> yh = run_tile_chunks(tile_kernel(fmt, true), W, a, T, chunks);
+        const std::vector<float> ye = run_tile_chunks(tile_kernel(fmt, false), W, a, T, chunks);
+        expect_tile_rows(*src, x, T, chunks, yh, ye, "emulation");
+        expect_tile_rows(*src, x, T, chunks, y, yh, "hardware chunks");
+        for (int t = 0; t < T; ++t) {
+          std::vector<double> xd(x.begin() + ptrdiff_t(t) * in, x.begin() + ptrdiff_t(t + 1) * in), xa(xd);
+          for (auto& v : xa) v = std::abs(v);
+          for (int ch : chunks)
+            for (int o = 16 * ch; o < std::min(16 * ch + 16, out); ++o) {
+              const size_t k = size_t(t) * out + o;
+              const RowRef ref = row_ref(*src, o, xd.data(), xa.data());
+              ASSERT_LE(std::abs(double(y[k]) - ys[k]), ref.flt) << "row " << o << " token " << t << " vs scalar";
+              ASSERT_LE(std::abs(double(y[k]) - y5[k]), 2 * ref.flt) << "row " << o << " token " << t << " vs avx512vnni";
+            }
+        }
+      }
+    }
+}
+
+// Whole experts with every job on tiles (AMX machines only): within the reference's bounds, and
+// the AVX2 runner's bits (the AVX512 runner's where the float down projection runs AVX512).
+TEST(ExpertAmxTiles, ExpertFfnMatchesAvx2) {
+  SKIP_IF_UNSUPPORTED(CpuIsa::AMX);
+  ThreadPool p1(1, -1, false), p4(4, -1, false);
+  struct Case {
+    ExpertFormat g, u, d;
+    CpuIsa same_as;
+  };
+  for (const Case& cs : {Case{ExpertFormat::Q4_K, ExpertFormat::Q4_K, ExpertFormat::Q4_K, CpuIsa::AVX2},
+                         Case{ExpertFormat::Q8_0, ExpertFormat::Q8_0, ExpertFormat::Q8_0, CpuIsa::AVX2},
+                         Case{ExpertFormat::Q4_K, ExpertFormat::Q4_K, ExpertFormat::BF16, CpuIsa::AVX512}}) {
+    const Dims dm = dims_for(cs.g);
+    std::vector<SrcExpert> store(3);
+    std::vector<SrcExpert*> experts;
+    for (auto& e : store) {
+      e = make_expert(cs.g, cs.u, cs.d, dm.d_model, dm.d_ff);
+      experts.push_back(&e);
+    }
+    for (int T : kTileRowCounts) {
+      SCOPED_TRACE(::testing::Message() << expert_format_name(cs.g) << "/" << expert_format_name(cs.u) << "/"
+                                        << expert_format_name(cs.d) << " T=" << T);
+      std::vector<std::vector<int>> route;
+      std::vector<std::vector<float>> wts;
+      random_routes(T, 3, route, wts);
+      std::vector<float> x = random_x(T, dm.d_model), y0 = random_x(T, dm.d_model, 0.1f);
+      std::vector<float> a = check_moe(experts, T, p4, CpuIsa::AMX, x, y0, route, wts, 1);
+      std::vector<float> b = check_moe(experts, T, p1, CpuIsa::AMX, x, y0, route, wts, 1);
+      std::vector<float> c = check_moe(experts, T, p1, cs.same_as, x, y0, route, wts);
+      for (size_t i = 0; i < a.size(); ++i) {
+        ASSERT_EQ(bits(a[i]), bits(b[i])) << "1 thread differs at " << i;
+        ASSERT_EQ(bits(a[i]), bits(c[i])) << cpu_isa_name(cs.same_as) << " differs at " << i;
+      }
+    }
+  }
+}
+
 // ---- bad input ----
 
 TEST(ExpertKernelsErrors, RejectsBadInput) {
@@ -699,6 +899,8 @@ TEST(ExpertKernelsErrors, RejectsBadInput) {
   EXPECT_THROW(packed_linear(W, x.data(), -1, y.data(), pool), Error);
   EXPECT_THROW(packed_linear(W, nullptr, 1, y.data(), pool), Error);
   EXPECT_NO_THROW(packed_linear(W, x.data(), 0, y.data(), pool));
+  EXPECT_THROW(packed_linear(W, x.data(), 1, y.data(), pool, cpu_isa_best(), 0), Error);
+  EXPECT_THROW(ExpertRunner(pool, cpu_isa_best(), 0), Error);
   // Instruction sets this CPU lacks.
   for (CpuIsa isa : kIsas)
     if (!cpu_isa_supported(isa)) {

@@ -1,6 +1,6 @@
 // CPU expert kernels: repacking, activation quantization, the tile dot products (scalar, AVX2,
-// AVX-512 VNNI) and the parallel drivers. The layouts and the arithmetic are described at the
-// top of expert_kernels.h.
+// AVX-512 VNNI; the AMX ones are in expert_kernels_amx.inc) and the parallel drivers. The
+// layouts and the arithmetic are described at the top of expert_kernels.h.
 //
 // A tile kernel computes y[t][r] = W[tile rows r] · x_t for the R rows of one tile and a group of
 // TG tokens held in registers (TG = 1, 2 or 4: the weights of a tile are decoded once per group
@@ -17,6 +17,7 @@
 #include <cstring>
 #include <utility>
 
+#include "backend/cpu/expert_kernels_amx.h"
 #include "backend/cpu/ref_ops.h"
 #include "tensor/dtype.h"
 #include "tensor/quant.h"
@@ -25,6 +26,10 @@
 
 #if defined(__x86_64__)
 #define BIGMOE_EXPERT_X86 1
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#endif
 // GCC 12's AVX-512 intrinsics start from _mm512_undefined_*(), which -Wall reports as
 // uninitialized once inlined into target-attributed code.
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -220,6 +225,9 @@ struct TileArgs {
 using GroupFn = void (*)(const TileArgs&, int t0);
 struct KernelSet {
   GroupFn g1 = nullptr, g2 = nullptr, g4 = nullptr;
+  // AMX: 16-row chunks of jobs with at least chunk_min_rows rows go to the tile kernel instead.
+  amx::ChunkFn chunk = nullptr;
+  int chunk_min_rows = 0;
 };
 
 // Scalar kernels on the packed layouts (one token per call): integer sums exact, the rest in
@@ -613,8 +621,15 @@ BM_AVX512 void float_avx512(const TileArgs& ta, int t0) {
 
 #endif  // BIGMOE_EXPERT_X86
 
-KernelSet kernels_for(ExpertFormat f, CpuIsa isa) {
+KernelSet kernels_for(ExpertFormat f, CpuIsa isa, int amx_min_rows) {
 #if BIGMOE_EXPERT_X86
+  if (isa == CpuIsa::AMX) {
+    KernelSet ks = kernels_for(f, CpuIsa::AVX512, amx_min_rows);
+    if (f == ExpertFormat::Q4_K) ks.chunk = amx::q4k_chunk_hw;
+    if (f == ExpertFormat::Q8_0) ks.chunk = amx::q80_chunk_hw;
+    ks.chunk_min_rows = amx_min_rows;
+    return ks;
+  }
   if (isa == CpuIsa::AVX512) {
     switch (f) {
       case ExpertFormat::Q4_K: return {q4k_avx512<1>, q4k_avx512<2>, q4k_avx512<4>};
@@ -654,6 +669,17 @@ KernelSet kernels_for(ExpertFormat f, CpuIsa isa) {
 void compute_chunk(const PackedMatrix& W, const KernelSet& ks, const ActView& a, int nt, int r0, float* y,
                    size_t ldy) {
   const int R = W.tile_rows();
+  if (ks.chunk && nt >= ks.chunk_min_rows) {  // two 8-row tiles; y has room for 16 columns
+    amx::Chunk c;
+    c.tile0 = W.tile(r0 / R);
+    c.tile1 = r0 / R + 1 < W.n_tiles() ? W.tile(r0 / R + 1) : c.tile0;
+    c.K = W.in();
+    c.q = a.q, c.d = a.d, c.s = a.s;
+    c.nt = nt;
+    c.y = y, c.ldy = ldy;
+    ks.chunk(c);
+    return;
+  }
   TileArgs ta;
   ta.K = W.in();
   ta.bi = W.block_in();
@@ -678,12 +704,31 @@ void check_isa(CpuIsa isa) {
     fail("CPU expert kernels: this CPU cannot run {} (best: {})", cpu_isa_name(isa), cpu_isa_name(cpu_isa_best()));
 }
 
+// AMX-TILE and AMX-INT8 (CPUID.(7,0):EDX bits 24, 25), kernels built for them, and the tile
+// data state granted to this process: Linux enables it per process on request
+// (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), and a tile instruction before that faults.
+bool amx_tiles_usable() {
+#if BIGMOE_EXPERT_X86 && defined(__linux__)
+  if (!amx::q4k_chunk_hw || !amx::q80_chunk_hw) return false;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
+  constexpr long kGetPerm = 0x1022, kReqPerm = 0x1023;  // ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM
+  constexpr int kXtileData = 18;
+  if (syscall(SYS_arch_prctl, kReqPerm, kXtileData) != 0) return false;
+  unsigned long perm = 0;
+  return syscall(SYS_arch_prctl, kGetPerm, &perm) == 0 && (perm >> kXtileData) & 1;
+#else
+  return false;
+#endif
+}
+
 CpuIsa detect_isa() {
 #if BIGMOE_EXPERT_X86
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  if (avx512 && amx_tiles_usable()) return CpuIsa::AMX;
   if (avx512) return CpuIsa::AVX512;
   if (avx2) return CpuIsa::AVX2;
 #endif
@@ -703,9 +748,11 @@ struct ActBuf {
     if (k == ActKind::F32) {
       x.resize(size_t(T) * n);
     } else {
-      q.resize(size_t(T) * n);
-      d.resize(size_t(T) * (n / act_block(k)));
-      s.resize(size_t(T) * (n / 32));
+      // Whole 16-token tiles for the AMX kernels' loads (the padding rows' results are dropped).
+      const size_t Tp = size_t(T + amx::kTileTokens - 1) / amx::kTileTokens * amx::kTileTokens;
+      q.resize(Tp * n);
+      d.resize(Tp * (n / act_block(k)));
+      s.resize(Tp * (n / 32));
     }
   }
   // Fills token t from the float row src.
@@ -748,6 +795,7 @@ const char* cpu_isa_name(CpuIsa isa) {
     case CpuIsa::Scalar: return "scalar";
     case CpuIsa::AVX2: return "avx2";
     case CpuIsa::AVX512: return "avx512vnni";
+    case CpuIsa::AMX: return "amx";
   }
   return "?";
 }
@@ -987,9 +1035,11 @@ void PackedMatrix::dequantize_row(int o, float* dst) const {
 
 // ---- single matrix ----
 
-void packed_linear(const PackedMatrix& W, const float* x, int T, float* y, ThreadPool& pool, CpuIsa isa) {
+void packed_linear(const PackedMatrix& W, const float* x, int T, float* y, ThreadPool& pool, CpuIsa isa,
+                   int amx_min_rows) {
   check_isa(isa);
   if (T < 0) fail("packed_linear: {} rows", T);
+  if (amx_min_rows < 1) fail("packed_linear: amx_min_rows {} (>= 1 expected)", amx_min_rows);
   if (T == 0) return;
   if (!x || !y) fail("packed_linear: null input or output");
   const ActKind kind = act_kind(W.format());
@@ -1003,7 +1053,7 @@ void packed_linear(const PackedMatrix& W, const float* x, int T, float* y, Threa
     buf.resize(kind, T, W.in());
     view = buf.view();
   }
-  const KernelSet ks = kernels_for(W.format(), isa);
+  const KernelSet ks = kernels_for(W.format(), isa, amx_min_rows);
   const int n_chunks = (W.out() + kChunkRows - 1) / kChunkRows;
   std::atomic<int64_t> ctr_rows{0}, ctr_chunks{0};
   std::vector<std::vector<float>> tmp(size_t(pool.size()));
@@ -1052,8 +1102,10 @@ struct ExpertRunner::Scratch {
   std::atomic<int64_t> ctr[4];
 };
 
-ExpertRunner::ExpertRunner(ThreadPool& pool, CpuIsa isa) : pool_(pool), isa_(isa), s_(std::make_unique<Scratch>()) {
+ExpertRunner::ExpertRunner(ThreadPool& pool, CpuIsa isa, int amx_min_rows)
+    : pool_(pool), isa_(isa), amx_min_rows_(amx_min_rows), s_(std::make_unique<Scratch>()) {
   check_isa(isa);
+  if (amx_min_rows < 1) fail("ExpertRunner: amx_min_rows {} (>= 1 expected)", amx_min_rows);
 }
 
 ExpertRunner::~ExpertRunner() = default;
@@ -1112,6 +1164,7 @@ void ExpertRunner::run_experts(const std::vector<ExpertJob>& jobs) {
   const int64_t n_rows = int64_t(s.row_tasks.size()), n_ff = int64_t(s.ff_tasks.size());
   const int n_out_chunks = (d_model + kChunkRows - 1) / kChunkRows;
   const CpuIsa isa = isa_;
+  const int amx_min = amx_min_rows_;
 
   pool_.run([&](int w) {
     float* g = s.worker[size_t(w)].data();
@@ -1131,8 +1184,8 @@ void ExpertRunner::run_experts(const std::vector<ExpertJob>& jobs) {
       const PackedExpert& e = *jobs[size_t(j)].expert;
       Scratch::Job& sj = s.jobs[size_t(j)];
       const int r0 = c * kChunkRows, nr = std::min(kChunkRows, e.d_ff() - r0);
-      compute_chunk(e.gate, kernels_for(e.gate.format(), isa), sj.vg, sj.n, r0, g, kChunkRows);
-      compute_chunk(e.up, kernels_for(e.up.format(), isa), sj.vu, sj.n, r0, u, kChunkRows);
+      compute_chunk(e.gate, kernels_for(e.gate.format(), isa, amx_min), sj.vg, sj.n, r0, g, kChunkRows);
+      compute_chunk(e.up, kernels_for(e.up.format(), isa, amx_min), sj.vu, sj.n, r0, u, kChunkRows);
       for (int t = 0; t < sj.n; ++t)
         for (int r = 0; r < nr; ++r) {
           const size_t k = size_t(t) * kChunkRows + r;
@@ -1155,7 +1208,7 @@ void ExpertRunner::run_experts(const std::vector<ExpertJob>& jobs) {
         const Scratch::Job& sj = s.jobs[j];
         if (!sj.n) continue;
         const PackedMatrix& D = jobs[j].expert->down;
-        compute_chunk(D, kernels_for(D.format(), isa), sj.vd, sj.n, r0, yb, kChunkRows);
+        compute_chunk(D, kernels_for(D.format(), isa, amx_min), sj.vd, sj.n, r0, yb, kChunkRows);
         for (int t = 0; t < sj.n; ++t) {
           float* yr = jobs[j].y + size_t(jobs[j].rows[size_t(t)]) * d_model + r0;
           const float wt = jobs[j].weights[size_t(t)];

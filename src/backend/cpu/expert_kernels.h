@@ -38,6 +38,25 @@
 //    kernels are tested against (and is what runs on CPUs without AVX2).
 // Activations are quantized per row, once per matrix input.
 //
+// AMX (CpuIsa::AMX: AVX512 plus AMX-TILE / AMX-INT8, granted by Linux through arch_prctl): a
+// Q4_K or Q8_0 job of at least amx_min_rows rows (tokens routed to one expert) runs 16-row
+// chunks of each matrix through tile products, C[16 tokens][16 rows] += A · B, A the int8
+// activations as quantized above (read in place, the token stride K; buffers are padded to a
+// multiple of 16 tokens), B built from the repacked tiles above when the chunk is computed (no
+// second copy of the weights), once per chunk whatever the token count, into L1-sized staging:
+//  Q8_0: per 32 k, B = 8 rows × 64 bytes: row i = k quad i, dword n = row n's 4 int8 weights of
+//    quad i (VNNI-4); one TDPBSSD (A 16 × 32 bytes) gives each (token, row)'s block dot, and the
+//    epilogue is q80_avx2's: acc = fma(d_w · d_a, float(dot), acc).
+//  Q4_K: the 6-bit sub-block scale is folded into the nibbles, split so that each part fits a
+//    byte: sc = 8·sh + sl, and per 64 k two B tiles of 16 rows × 64 bytes (row i = k quad i,
+//    dword n = row n's 4 products) hold sh·q and sl·q (<= 105). 8·(A·Bh) + A·Bl over the four
+//    64-k steps of a super-block is Σ_j sc_j Σ q·a, the integer the VNNI and AVX2 kernels form;
+//    the mins term and the float epilogue are q4k_finish's.
+// So AMX gives the AVX2 kernels' results bit for bit (Q4_K also those of AVX512; AVX512's
+// Q8_0 rounds its two half-row partial sums separately). Fewer rows, and the float formats, run
+// the AVX512 kernels. The tile kernels live in expert_kernels_amx.{h,inc,cpp}, the only code
+// built for AMX; expert_kernels_amx_emu.cpp runs the same source on any CPU for the tests.
+//
 // Threads: ExpertRunner::run_experts computes all the experts of one MoE layer in one parallel
 // region of a ThreadPool: quantize inputs | gate and up in 16-row chunks (silu·mul at once) |
 // quantize h | down in 16-row chunks of the output, each chunk across all jobs in job order, so
@@ -57,12 +76,19 @@ namespace bigmoe::cpu {
 enum class ExpertFormat { Q4_K, Q8_0, FP8, BF16 };
 const char* expert_format_name(ExpertFormat f);
 
-// Instruction sets of the kernels. AVX2 needs AVX2 + FMA + F16C; AVX512 needs AVX-512
-// F/BW/VL/VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4 and later).
-enum class CpuIsa { Scalar, AVX2, AVX512 };
+// Instruction sets of the kernels, each a superset of the one before. AVX2 needs AVX2 + FMA +
+// F16C; AVX512 needs AVX-512 F/BW/VL/VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4 and
+// later); AMX needs AVX512 plus AMX-TILE and AMX-INT8 (Sapphire Rapids and later) and a Linux
+// that grants the tile state (5.16+; cpu_isa_best asks once per process).
+enum class CpuIsa { Scalar, AVX2, AVX512, AMX };
 const char* cpu_isa_name(CpuIsa isa);
 CpuIsa cpu_isa_best();
 bool cpu_isa_supported(CpuIsa isa);
+
+// Rows (tokens routed to one expert) from which CpuIsa::AMX computes a Q4_K / Q8_0 job with tiles;
+// below, with the AVX512 kernels. One tile holds 16 tokens; bench_cpu_experts --amx measures
+// both paths per row count (where the tiles start to pay).
+constexpr int kAmxMinRows = 16;
 
 // One weight matrix [out, in] in the kernels' layout (see the top of this file).
 class PackedMatrix {
@@ -112,8 +138,9 @@ class PackedMatrix {
 };
 
 // y[t, :] = W x[t, :] for t < T (x [T, in], y [T, out]), rows split across the pool's workers.
+// amx_min_rows: see kAmxMinRows (only read with CpuIsa::AMX).
 void packed_linear(const PackedMatrix& W, const float* x, int T, float* y, ThreadPool& pool,
-                   CpuIsa isa = cpu_isa_best());
+                   CpuIsa isa = cpu_isa_best(), int amx_min_rows = kAmxMinRows);
 
 // gate, up [d_ff, d_model] and down [d_model, d_ff] of one expert. Formats may differ.
 struct PackedExpert {
@@ -138,13 +165,15 @@ struct ExpertJob {
 
 class ExpertRunner {
  public:
-  // Throws bigmoe::Error if this CPU cannot run `isa`.
-  explicit ExpertRunner(ThreadPool& pool, CpuIsa isa = cpu_isa_best());
+  // Throws bigmoe::Error if this CPU cannot run `isa`. amx_min_rows: see kAmxMinRows (only
+  // read with CpuIsa::AMX; >= 1).
+  explicit ExpertRunner(ThreadPool& pool, CpuIsa isa = cpu_isa_best(), int amx_min_rows = kAmxMinRows);
   ~ExpertRunner();
   ExpertRunner(const ExpertRunner&) = delete;
   ExpertRunner& operator=(const ExpertRunner&) = delete;
 
   CpuIsa isa() const { return isa_; }
+  int amx_min_rows() const { return amx_min_rows_; }
   ThreadPool& pool() { return pool_; }
   // All jobs in one parallel region. Every job's expert must have the same d_model. Jobs with
   // no rows are skipped. Throws bigmoe::Error on a null expert or pointer, rows / weights of
@@ -155,6 +184,7 @@ class ExpertRunner {
   struct Scratch;
   ThreadPool& pool_;
   CpuIsa isa_;
+  int amx_min_rows_;
   std::unique_ptr<Scratch> s_;
 };
 
