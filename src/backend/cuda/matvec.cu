@@ -308,11 +308,11 @@ template <WeightFormat F>
 struct QTraits;
 template <>
 struct QTraits<WeightFormat::Q8_0> {
-  static constexpr int QK = 32, BS = 34, G = 128;  // G blocks staged per warp and step, over its R rows
+  static constexpr int QK = 32, BS = 34, G = 64;  // G blocks staged per warp and step, over its R rows
 };
 template <>
 struct QTraits<WeightFormat::Q4_K> {
-  static constexpr int QK = 256, BS = 144, G = 32;
+  static constexpr int QK = 256, BS = 144, G = 16;
 };
 template <>
 struct QTraits<WeightFormat::Q6_K> {
@@ -392,8 +392,14 @@ struct QStage {
 
 extern __shared__ uint4 matvec_qsmem[];
 
+// Blocks per SM at B = 1 (register caps without spills: Q8_0 64, Q4_K 80).
+template <WeightFormat F, int NB>
+constexpr int q_min_blocks() {
+  return NB != 1 ? 1 : F == WeightFormat::Q8_0 ? 4 : F == WeightFormat::Q4_K ? 3 : 1;
+}
+
 template <WeightFormat F, int NB, int R, bool G>
-__global__ void __launch_bounds__(kThreads, (F == WeightFormat::Q4_K && NB == 1) ? 3 : 1) matvec_quant(const uint8_t* __restrict__ w, int out, int in,
+__global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(const uint8_t* __restrict__ w, int out, int in,
                                                          const float* __restrict__ x, int B,
                                                          float* __restrict__ y, int ksplit, Slots sl, OutSplit os) {
   using T = QTraits<F>;
