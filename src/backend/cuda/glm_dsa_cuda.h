@@ -138,6 +138,17 @@ class GlmDsaCuda {
   size_t host_pinned_bytes() const;
   size_t host_packed_bytes() const;
 
+  // Routing statistics (`bigmoe profile --gpu`), as GlmDsaModel::set_routing_stats records them
+  // on the CPU: while set, every MoE layer's choice for each row of each step is counted on the
+  // device (routing_count.h: a kernel after the router, inside the captured decode graphs, so
+  // every replay counts). The counts reach `stats` at flush_routing_stats(), when another stats
+  // (or null) is set, and at destruction. stats must have the model's n_experts and top_k, and
+  // must outlive its use here. Turning counting on or off drops the captured decode graphs: the
+  // next steps capture them again, with or without the kernel (so counting costs nothing while
+  // off). The MTP layer is not run, so it has no counts.
+  void set_routing_stats(RoutingStats* stats);
+  void flush_routing_stats();
+
   OffloadStats offload_stats() const;
   void reset_offload_stats();  // counts only: the cache keeps its experts
   double cache_hit_rate(int layer) const;  // streamed experts of `layer` found in its cache slots
