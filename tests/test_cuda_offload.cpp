@@ -2,7 +2,8 @@
 // the CPU reference GlmDsaModel and transformers' greedy tokens, on every fixture and under
 // every placement: all on the GPU, all computed by the CPU, all streamed (no cache), streamed
 // through a small LRU cache, Mixed (CPU / stream split, LFU cache), and a per-expert mixture of
-// the four homes with an all-GPU layer beside host layers. Decode-sized steps (the grouped
+// the four homes with an all-GPU layer beside host layers, and that mixture with NUMA nodes
+// (node 0, -1 spread, and node 1 where the machine has one). Decode-sized steps (the grouped
 // kernel on slot ids), a prefill step (per-expert products), and two sequences in one step,
 // all float32 (exact_absorb, no tensor-core prefill), so the tolerance is the all-GPU test's
 // 1e-4. Where a fixture's expert format has no CPU kernel (glm5_tiny_gguf holds F32 experts),
@@ -16,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "backend/cpu/thread_pool.h"
 #include "backend/cuda/glm_dsa_cuda.h"
 #include "cuda_test_util.h"
 #include "glm_test_util.h"
@@ -39,11 +41,11 @@ struct Fixture {
 const Fixture kFixtures[] = {{"glm5_tiny", "glm5_tiny", false},
                              {"dsv3_tiny", "dsv3_tiny", false},
                              {"glm5_tiny_gguf", "glm5_tiny", true}};
-const char* const kPlacements[] = {"all_gpu", "cpu", "stream", "stream_lru", "mixed", "mixture"};
+const char* const kPlacements[] = {"all_gpu", "cpu", "stream", "stream_lru", "mixed", "mixture", "numa"};
 
 int argmax(const float* v, int n) { return int(std::max_element(v, v + n) - v); }
 
-bool needs_cpu_kernels(const std::string& p) { return p == "cpu" || p == "mixed" || p == "mixture"; }
+bool needs_cpu_kernels(const std::string& p) { return p == "cpu" || p == "mixed" || p == "mixture" || p == "numa"; }
 
 cuda::ExpertPlacement make_placement(const std::string& kind, const GlmDsaModel& m) {
   const ModelConfig& c = m.config();
@@ -55,6 +57,9 @@ cuda::ExpertPlacement make_placement(const std::string& kind, const GlmDsaModel&
   for (int i = 0; i < L; ++i)
     if (m.layers()[size_t(i)].ffn.moe) last_moe = i;
   p.home.resize(size_t(L));
+  // numa: nodes 0, -1 (spread) and, on a machine with two or more, 1 in turn.
+  const int node1 = cpu::numa_node_count() > 1 ? 1 : 0;
+  if (kind == "numa") p.node.resize(size_t(L));
   for (int i = 0; i < L; ++i) {
     if (!m.layers()[size_t(i)].ffn.moe) continue;
     auto& h = p.home[size_t(i)];
@@ -63,8 +68,9 @@ cuda::ExpertPlacement make_placement(const std::string& kind, const GlmDsaModel&
       if (kind == "cpu") h[size_t(e)] = ExpertHome::Cpu;
       else if (kind == "stream" || kind == "stream_lru") h[size_t(e)] = ExpertHome::Stream;
       else if (kind == "mixed") h[size_t(e)] = ExpertHome::Mixed;
-      else if (kind == "mixture") h[size_t(e)] = i == last_moe ? ExpertHome::Gpu : ExpertHome((e + i) % 4);
+      else if (kind == "mixture" || kind == "numa") h[size_t(e)] = i == last_moe ? ExpertHome::Gpu : ExpertHome((e + i) % 4);
       else ADD_FAILURE() << "unknown placement " << kind;
+      if (kind == "numa") p.node[size_t(i)].push_back(e % 3 == 0 ? 0 : e % 3 == 1 ? -1 : node1);
     }
   }
   if (kind == "stream_lru") {
@@ -74,7 +80,7 @@ cuda::ExpertPlacement make_placement(const std::string& kind, const GlmDsaModel&
     p.mixed_cpu_fraction = 0.5;
     p.cache_slots = 2;
     p.cache_policy = "lfu";
-  } else if (kind == "mixture") {
+  } else if (kind == "mixture" || kind == "numa") {
     p.mixed_cpu_fraction = 0.5;
     p.cache_slots = 2;
     p.cache_policy = "lru";
@@ -191,11 +197,11 @@ TEST_P(CudaOffload, DecodeStepsMatchReference) {
     EXPECT_GT(st.cache_fills, 0u);
     EXPECT_GT(st.cache_hit_rate(), 0.0);
   }
-  if (placement == "mixed" || placement == "mixture") {
+  if (placement == "mixed" || placement == "mixture" || placement == "numa") {
     EXPECT_GT(st.cpu_experts, 0u);
     EXPECT_GT(st.streamed, 0u);
   }
-  if (placement == "mixture") {
+  if (placement == "mixture" || placement == "numa") {
     EXPECT_GT(st.gpu_hits, 0u);
   }
   g->reset_offload_stats();
@@ -322,6 +328,21 @@ TEST_F(CudaOffloadErrors, RejectsBadPlacements) {
   o = base();
   o.experts.cache_policy = "mru";
   expect_error(o, "mru");
+  // NUMA nodes: one the machine does not have names the layer, the expert and the node.
+  const int nodes = cpu::numa_node_count();
+  o = base();
+  o.experts.node.assign(size_t(L), {});
+  o.experts.node[2].assign(size_t(E), 0);
+  o.experts.node[2][6] = nodes;
+  expect_error(o, fmt::format("layer 2 expert 6 ('stream') is placed on NUMA node {}", nodes));
+  o = base();
+  o.experts.node.assign(size_t(L), {});
+  o.experts.node[2].assign(size_t(E), -1);
+  EXPECT_NO_THROW(cuda::GlmDsaCuda(*m, o));  // spread
+  o.experts.node[2].resize(size_t(E - 1));
+  expect_error(o, "layer 2 gives NUMA nodes");
+  o.experts.node.resize(size_t(L - 1));
+  expect_error(o, "NUMA nodes for");
   // A GGUF of F32 experts on the CPU: the error names the layer, the expert and the tensor.
   auto mg = GlmDsaModel::load_gguf(fixture("glm5_tiny_gguf") / "model.gguf");
   o = base();

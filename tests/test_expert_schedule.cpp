@@ -1,6 +1,7 @@
 // The offload executor's per-step plan (engine/expert_schedule.h), worked by hand: resident
 // experts, cache hits / fills / evictions, the static policy, transient slots in decode and in
-// prefill, CPU experts, the Mixed split by bytes, determinism, and bad placements.
+// prefill, CPU experts, the Mixed split by bytes, determinism, and bad placements; and the NUMA
+// node of each host expert (expert_nodes) on faked multi-node machines.
 #include <gtest/gtest.h>
 
 #include <vector>
@@ -245,6 +246,52 @@ TEST(ExpertSchedule, RejectsBadPlacements) {
   std::vector<int> bad{0, 2};
   EXPECT_THROW(s.plan(bad.data(), 2, true), Error);
   EXPECT_STREQ(expert_home_name(H::Mixed), "mixed");
+}
+
+// NUMA nodes of a layer's host experts (expert_nodes), on faked machines: node_cpus lists the
+// usable CPUs of each node, so any node count runs here.
+TEST(ExpertNodes, KeepsGivenNodesAndSpreadsTheRestByExpertId) {
+  const std::vector<H> home{H::Gpu, H::Cpu, H::Stream, H::Mixed, H::Cpu, H::Cpu, H::Stream, H::Gpu};
+  // Three nodes: -1 goes to node e % 3; given nodes stay; Gpu experts get -1 whatever is given.
+  EXPECT_EQ(expert_nodes(3, home, {}, {4, 4, 4}), (std::vector<int>{-1, 1, 2, 0, 1, 2, 0, -1}));
+  EXPECT_EQ(expert_nodes(3, home, {2, 0, 0, -1, 2, -1, 1, 0}, {4, 4, 4}), (std::vector<int>{-1, 0, 0, 0, 2, 2, 1, -1}));
+  // One node (what CI has): everything on node 0.
+  EXPECT_EQ(expert_nodes(3, home, {}, {8}), (std::vector<int>{-1, 0, 0, 0, 0, 0, 0, -1}));
+  // A node without usable CPUs (taskset, memory-only node) is skipped by the spread; a
+  // streamed expert may still live there (only its memory is on the node).
+  EXPECT_EQ(expert_nodes(3, home, {}, {4, 0, 2}), (std::vector<int>{-1, 2, 0, 2, 0, 2, 0, -1}));
+  EXPECT_EQ(expert_nodes(3, home, {-1, -1, 1, -1, -1, -1, -1, -1}, {4, 0, 2})[2], 1);
+  // Deterministic: a pure function of its arguments.
+  EXPECT_EQ(expert_nodes(3, home, {}, {4, 4, 4}), expert_nodes(3, home, {}, {4, 4, 4}));
+}
+
+TEST(ExpertNodes, ErrorsNameLayerExpertAndNode) {
+  const std::vector<H> home{H::Cpu, H::Stream, H::Mixed};
+  auto err = [&](const std::vector<int>& node, const std::vector<int>& cpus) {
+    try {
+      expert_nodes(7, home, node, cpus);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  std::string m = err({0, 2, 0}, {4, 4});  // node 2 on a 2-node machine
+  EXPECT_NE(m.find("layer 7 expert 1"), std::string::npos) << m;
+  EXPECT_NE(m.find("NUMA node 2"), std::string::npos) << m;
+  EXPECT_NE(m.find("2 node(s)"), std::string::npos) << m;
+  m = err({0, 0, 1}, {4});  // node 1 on a 1-node machine (the GPU test's case)
+  EXPECT_NE(m.find("layer 7 expert 2"), std::string::npos) << m;
+  EXPECT_NE(m.find("NUMA node 1"), std::string::npos) << m;
+  m = err({-2, 0, 0}, {4});
+  EXPECT_NE(m.find("layer 7 expert 0"), std::string::npos) << m;
+  m = err({1, 1, 0}, {4, 0});  // a CPU expert on a node without usable CPUs
+  EXPECT_NE(m.find("layer 7 expert 0"), std::string::npos) << m;
+  EXPECT_NE(m.find("no CPU"), std::string::npos) << m;
+  EXPECT_EQ(err({0, 1, 0}, {4, 0}), "no error");  // the streamed one may live there
+  m = err({0, 0}, {4});
+  EXPECT_NE(m.find("layer 7"), std::string::npos) << m;
+  EXPECT_NE(m.find("2 experts"), std::string::npos) << m;
+  EXPECT_NE(err({}, {0, 0}).find("no NUMA node"), std::string::npos);
 }
 
 }  // namespace

@@ -39,6 +39,34 @@ TEST(RoutingStats, CountsHottestAndHitRates) {
   EXPECT_THROW(s.add(3, bad, 1), Error);
 }
 
+// Bulk counts (the GPU engine's flush) count as the same picks one token at a time would.
+TEST(RoutingStats, AddCountsEqualsAddPerToken) {
+  RoutingStats a(4, 2), b(4, 2);
+  const int picks[][2] = {{0, 1}, {1, 3}, {3, 0}};
+  for (auto& p : picks) a.add(5, p, 2);
+  int q[2] = {2, 1};
+  a.add(6, q, 2);
+  for (auto& p : picks) a.add(5, p, 2);
+  b.add_counts(5, {2, 2, 0, 2}, 3);
+  b.add_counts(6, {0, 1, 1, 0}, 1);
+  b.add_counts(5, {2, 2, 0, 2}, 3);
+  EXPECT_EQ(b.layers(), a.layers());
+  EXPECT_EQ(b.tokens(), a.tokens());  // 6: counted at layer 5, the first seen
+  EXPECT_EQ(b.tokens(), 6u);
+  try {
+    b.add_counts(6, {1, 1, 1}, 1);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("layer 6: 3 counts"));
+  }
+  try {
+    b.add_counts(6, {1, 1, 1, 0}, 1);  // 3 picks for one token of top-2
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("layer 6: 3 picks for 1 tokens"));
+  }
+}
+
 TEST(RoutingStats, JsonRoundTripAndErrors) {
   RoutingStats s(4, 2);
   s.model = "m";
@@ -133,6 +161,12 @@ TEST(RoutingStats, ProfileCommandWritesProfile) {
   log = run_cli("profile -q -m " + fixture("glm5_tiny").string() + " --ids -p " + (dir / "bad.txt").string(), &rc);
   EXPECT_NE(rc, 0);
   EXPECT_THAT(log, HasSubstr("bad.txt:1: 'x3' is not a token id"));
+  // --cpu-threads is for the GPU engine's host experts.
+  log = run_cli("profile -q -m " + fixture("glm5_tiny").string() + " --ids -p " + (dir / "prompts.txt").string() +
+                    " --cpu-threads 2",
+                &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_THAT(log, HasSubstr("--cpu-threads applies to the GPU engine"));
   {
     std::ofstream p(dir / "big.txt");
     p << "1 99999\n";

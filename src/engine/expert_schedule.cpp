@@ -27,6 +27,40 @@ const char* expert_path_name(ExpertPath p) {
   return "?";
 }
 
+std::vector<int> expert_nodes(int layer, const std::vector<ExpertHome>& home, const std::vector<int>& node,
+                              const std::vector<int>& node_cpus) {
+  const int E = int(home.size()), N = int(node_cpus.size());
+  if (!node.empty() && int(node.size()) != E)
+    fail("expert placement: layer {} gives NUMA nodes for {} experts, the layer has {}", layer, node.size(), E);
+  std::vector<int> usable;
+  for (int n = 0; n < N; ++n)
+    if (node_cpus[size_t(n)] > 0) usable.push_back(n);
+  std::vector<int> out(size_t(E), -1);
+  for (int e = 0; e < E; ++e) {
+    const ExpertHome h = home[size_t(e)];
+    if (h == ExpertHome::Gpu) continue;
+    const int n = node.empty() ? -1 : node[size_t(e)];
+    const bool computes = h == ExpertHome::Cpu || h == ExpertHome::Mixed;
+    if (n < -1 || n >= N)
+      fail("expert placement: layer {} expert {} ('{}') is placed on NUMA node {}, but this machine has {} node(s) "
+           "(0..{})",
+           layer, e, expert_home_name(h), n, N, N - 1);
+    if (n >= 0) {
+      if (computes && node_cpus[size_t(n)] == 0)
+        fail("expert placement: layer {} expert {} ('{}') is placed on NUMA node {}, which has no CPU this process "
+             "may use to compute it",
+             layer, e, expert_home_name(h), n);
+      out[size_t(e)] = n;
+      continue;
+    }
+    if (usable.empty())
+      fail("expert placement: layer {} expert {} ('{}'): no NUMA node has a CPU this process may use", layer, e,
+           expert_home_name(h));
+    out[size_t(e)] = usable[size_t(e) % usable.size()];
+  }
+  return out;
+}
+
 ExpertScheduler::ExpertScheduler(ExpertScheduleOptions o)
     : o_(std::move(o)), cache_(std::max(0, o_.cache_slots), o_.cache_policy) {
   const int E = n_experts(), L = o_.layer;

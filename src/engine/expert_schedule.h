@@ -40,6 +40,18 @@ namespace bigmoe {
 enum class ExpertHome : uint8_t { Gpu, Cpu, Stream, Mixed };
 const char* expert_home_name(ExpertHome h);
 
+// The NUMA node that holds each host expert of one layer and, for Cpu / Mixed experts, whose
+// threads compute it (docs/offload.md, "NUMA"). node [E] is the placement's (empty: every
+// expert -1); node_cpus [nodes] the CPUs this process may use on each node (cpu::numa_node_cpus,
+// nodes numbered 0 .. cpu::numa_node_count() - 1). A node >= 0 is kept; -1 (any: the plan's
+// "cpu:*" spread) is assigned round-robin by expert id over the nodes that have CPUs: expert e
+// goes to the (e mod n)-th of those n nodes. Gpu experts get -1. Pure, so that tests can fake
+// any number of nodes. Throws naming the layer, the expert and the node: a node list whose
+// length is not E, a node < -1 or >= node_cpus.size(), a Cpu / Mixed expert on a node without
+// usable CPUs.
+std::vector<int> expert_nodes(int layer, const std::vector<ExpertHome>& home, const std::vector<int>& node,
+                              const std::vector<int>& node_cpus);
+
 // How one step serves one expert.
 enum class ExpertPath : uint8_t { Resident, CacheHit, CacheFill, Transient, Cpu };
 const char* expert_path_name(ExpertPath p);

@@ -23,6 +23,19 @@ void RoutingStats::add(int layer, const int* ids, int k) {
   if (layer == first_layer_) ++tokens_;
 }
 
+void RoutingStats::add_counts(int layer, const std::vector<uint64_t>& counts, uint64_t tokens) {
+  if (counts.size() != size_t(n_experts_))
+    fail("routing stats: layer {}: {} counts, expected n_experts {}", layer, counts.size(), n_experts_);
+  const uint64_t picks = std::accumulate(counts.begin(), counts.end(), uint64_t(0));
+  if (picks != tokens * uint64_t(top_k_))
+    fail("routing stats: layer {}: {} picks for {} tokens of top_k {}", layer, picks, tokens, top_k_);
+  auto& c = counts_[layer];
+  if (c.empty()) c.assign(size_t(n_experts_), 0);
+  for (size_t e = 0; e < counts.size(); ++e) c[e] += counts[e];
+  if (first_layer_ < 0) first_layer_ = layer;
+  if (layer == first_layer_) tokens_ += tokens;
+}
+
 std::vector<int> RoutingStats::hottest(int layer, int n) const {
   std::vector<int> idx(static_cast<size_t>(n_experts_));
   std::iota(idx.begin(), idx.end(), 0);

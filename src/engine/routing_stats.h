@@ -29,6 +29,11 @@ class RoutingStats {
 
   // One token's choice at `layer`: top_k expert ids (each < n_experts).
   void add(int layer, const int* ids, int k);
+  // Many tokens' choices at `layer` at once (the GPU engine's counts, GlmDsaCuda::
+  // flush_routing_stats): counts [n_experts] are added to the layer's, and `tokens` count
+  // toward tokens() as add() counts them (at the first layer seen). Throws naming the layer when
+  // counts has another length or does not sum to tokens · top_k.
+  void add_counts(int layer, const std::vector<uint64_t>& counts, uint64_t tokens);
   const std::map<int, std::vector<uint64_t>>& layers() const { return counts_; }
 
   // The n most picked experts of a layer, most picked first (ties: lower id).

@@ -21,14 +21,19 @@ inline cuda::ExpertHome expert_home(Place p) {
   return cuda::ExpertHome::Gpu;
 }
 
-// Homes of the main layers' experts (the MTP layer is not run per token) and the plan's mixed
-// split; the runtime knobs (cache_slots, cache_policy, cpu_threads) are left at their defaults
-// for the caller to set. `p` must have passed check_plan_against.
+// Homes of the main layers' experts (the MTP layer is not run per token), their NUMA nodes (a
+// host place's node, -1 for "cpu:*" spread and for GPU experts) and the plan's mixed split; the
+// runtime knobs (cache_slots, cache_policy, cpu_threads) are left at their defaults for the
+// caller to set. `p` must have passed check_plan_against.
 inline cuda::ExpertPlacement expert_placement(const EnginePlan& p) {
   cuda::ExpertPlacement x;
   x.home.resize(size_t(p.n_layers));
+  x.node.resize(size_t(p.n_layers));
   for (int l = 0; l < p.n_layers; ++l)
-    for (const Loc& e : p.experts[size_t(l)]) x.home[size_t(l)].push_back(expert_home(e.place));
+    for (const Loc& e : p.experts[size_t(l)]) {
+      x.home[size_t(l)].push_back(expert_home(e.place));
+      x.node[size_t(l)].push_back(e.place == Place::Gpu ? -1 : e.dev);
+    }
   if (double f = p.mixed_fraction(); f >= 0) x.mixed_cpu_fraction = f;
   return x;
 }

@@ -2,6 +2,8 @@
 
 #include <cuda_runtime.h>
 #include <fmt/format.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -19,6 +21,13 @@ const char* const kProj[3] = {"gate_proj", "up_proj", "down_proj"};
 
 double ms_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
+}
+
+// CPUs this process may use on each NUMA node (nodes 0 .. numa_node_count() - 1).
+std::vector<int> node_cpu_counts() {
+  std::vector<int> c(static_cast<size_t>(cpu::numa_node_count()));
+  for (size_t n = 0; n < c.size(); ++n) c[n] = int(cpu::numa_node_cpus(int(n)).size());
+  return c;
 }
 
 }  // namespace
@@ -52,6 +61,11 @@ void ExpertOffload::validate(const ModelConfig& c, const std::vector<BlockWeight
       if (uint8_t(h[e]) > uint8_t(ExpertHome::Mixed))
         fail("expert placement: layer {} expert {} has no valid home ({})", i, e, int(h[e]));
   }
+  if (!p.node.empty() && int(p.node.size()) != L)
+    fail("expert placement: NUMA nodes for {} layers, the model has {} main layers", p.node.size(), L);
+  const std::vector<int> cpus = node_cpu_counts();
+  for (size_t i = 0; i < p.home.size(); ++i)
+    if (host_layer(p, int(i))) expert_nodes(int(i), p.home[i], i < p.node.size() ? p.node[i] : std::vector<int>{}, cpus);
   if (!(p.mixed_cpu_fraction >= 0 && p.mixed_cpu_fraction <= 1))
     fail("expert placement: mixed_cpu_fraction {} outside [0, 1]", p.mixed_cpu_fraction);
   if (p.cache_slots < 0) fail("expert placement: {} cache slots", p.cache_slots);
@@ -63,12 +77,19 @@ ExpertOffload::ExpertOffload(const ModelConfig& c, const ExpertPlacement& p, int
                              Alloc alloc, Write write)
     : c_(c), p_(p), max_rows_(max_rows), stream_(stream), alloc_(std::move(alloc)), write_(std::move(write)) {
   layer_index_.assign(size_t(c.num_hidden_layers), -1);
+  node_cpus_ = node_cpu_counts();
 }
 
 ExpertOffload::~ExpertOffload() {
   runner_.reset();
-  pool_.reset();
-  for (void* q : pinned_) cudaFreeHost(q);
+  for (const Pinned& q : pinned_) {
+    if (!q.bytes) {
+      cudaFreeHost(q.p);
+      continue;
+    }
+    cudaHostUnregister(q.p);
+    munmap(q.p, q.bytes);
+  }
 }
 
 ExpertOffload::Layer& ExpertOffload::get(int layer) {
@@ -87,7 +108,29 @@ void* ExpertOffload::pinned(size_t bytes, const std::string& what) {
   if (e != cudaSuccess)
     fail("CUDA: cannot pin {:.1f} MiB of host memory for {} ({:.1f} MiB pinned already): {}", bytes / 1048576.0, what,
          pinned_bytes_ / 1048576.0, cudaGetErrorString(e));
-  pinned_.push_back(q);
+  pinned_.push_back({q, 0});
+  pinned_bytes_ += bytes;
+  return q;
+}
+
+// cudaHostAlloc faults its pages in itself, wherever the allocating thread's policy puts them,
+// before they could be bound. So the range is mapped here, bound to the node (mbind,
+// MPOL_PREFERRED) while untouched, and then page-locked with cudaHostRegister, whose faults
+// follow the range's policy. Where the kernel has no NUMA support the bind fails silently and
+// the pages go where the kernel puts them (as with cudaHostAlloc).
+void* ExpertOffload::pinned_on_node(size_t bytes, int node, const std::string& what) {
+  const size_t page = size_t(sysconf(_SC_PAGESIZE)), n = (std::max<size_t>(bytes, 16) + page - 1) / page * page;
+  void* q = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (q == MAP_FAILED)
+    fail("cannot map {:.1f} MiB of host memory on NUMA node {} for {}", bytes / 1048576.0, node, what);
+  if (node >= 0) cpu::bind_memory_to_node(q, n, node);
+  cudaError_t e = cudaHostRegister(q, n, cudaHostRegisterDefault);
+  if (e != cudaSuccess) {
+    munmap(q, n);
+    fail("CUDA: cannot pin {:.1f} MiB of host memory on NUMA node {} for {} ({:.1f} MiB pinned already): {}",
+         bytes / 1048576.0, node, what, pinned_bytes_ / 1048576.0, cudaGetErrorString(e));
+  }
+  pinned_.push_back({q, n});
   pinned_bytes_ += bytes;
   return q;
 }
@@ -100,6 +143,8 @@ void ExpertOffload::add_layer(int layer, const FfnWeights& f, const std::array<E
   L.prefix = prefix;
   L.lay = lay;
   L.home = p_.home[size_t(layer)];
+  L.node = expert_nodes(layer, L.home, size_t(layer) < p_.node.size() ? p_.node[size_t(layer)] : std::vector<int>{},
+                        node_cpus_);
   for (ExpertHome h : L.home) {
     L.n_res += h == ExpertHome::Gpu;
     L.n_stream += h == ExpertHome::Stream || h == ExpertHome::Mixed;
@@ -181,34 +226,52 @@ void ExpertOffload::place(bool progress) {
       }
       ++slot;
     }
-    // Experts that may stream: their placed bytes, pinned.
+    // Experts that may stream: their placed bytes, pinned, one store per node (ascending).
+    auto streams = [&](int e) { return L.home[size_t(e)] == ExpertHome::Stream || L.home[size_t(e)] == ExpertHome::Mixed; };
+    std::vector<int> nodes;
+    for (int e = 0; e < E; ++e)
+      if (streams(e)) nodes.push_back(L.node[size_t(e)]);
+    std::sort(nodes.begin(), nodes.end());
+    nodes.erase(std::unique(nodes.begin(), nodes.end()), nodes.end());
+    L.stores.resize(nodes.size());
+    std::vector<int> rows_of(nodes.size(), 0);
+    L.host_store.assign(size_t(E), -1);
     L.host_index.assign(size_t(E), -1);
-    if (L.n_stream) {
+    for (int e = 0; e < E; ++e) {
+      if (!streams(e)) continue;
+      const int si = int(std::lower_bound(nodes.begin(), nodes.end(), L.node[size_t(e)]) - nodes.begin());
+      L.stores[size_t(si)].node = nodes[size_t(si)];
+      L.host_store[size_t(e)] = si;
+      L.host_index[size_t(e)] = rows_of[size_t(si)]++;
+    }
+    for (size_t si = 0; si < L.stores.size(); ++si) {
+      Layer::Store& st = L.stores[si];
+      const size_t n = size_t(rows_of[si]);
       for (int p = 0; p < 3; ++p) {
         const ExpertLayout& l = L.lay[size_t(p)];
         const std::string what = fmt::format("{}experts.{} (host)", L.prefix, kProj[p]);
-        L.host_w[size_t(p)] = static_cast<uint8_t*>(pinned(l.stride() * size_t(L.n_stream), what));
-        if (l.scales) L.host_s[size_t(p)] = static_cast<float*>(pinned(l.scales * 4 * size_t(L.n_stream), what + " scales"));
-      }
-      for (int e = 0, i = 0; e < E; ++e) {
-        const ExpertHome h = L.home[size_t(e)];
-        if (h != ExpertHome::Stream && h != ExpertHome::Mixed) continue;
-        L.host_index[size_t(e)] = i;
-        for (int p = 0; p < 3; ++p) {
-          const ExpertLayout& l = L.lay[size_t(p)];
-          write_((*ls[p])[size_t(e)], l.fmt, L.host_w[size_t(p)] + size_t(i) * l.stride(),
-                 l.scales ? L.host_s[size_t(p)] + size_t(i) * l.scales : nullptr);
-        }
-        ++i;
+        st.w[size_t(p)] = static_cast<uint8_t*>(pinned_on_node(l.stride() * n, st.node, what));
+        if (l.scales) st.s[size_t(p)] = static_cast<float*>(pinned_on_node(l.scales * 4 * n, st.node, what + " scales"));
       }
     }
-    // Experts the CPU may compute: packed for the CPU kernels.
+    for (int e = 0; e < E; ++e) {
+      if (L.host_store[size_t(e)] < 0) continue;
+      const Layer::Store& st = L.stores[size_t(L.host_store[size_t(e)])];
+      const size_t i = size_t(L.host_index[size_t(e)]);
+      for (int p = 0; p < 3; ++p) {
+        const ExpertLayout& l = L.lay[size_t(p)];
+        write_((*ls[p])[size_t(e)], l.fmt, st.w[size_t(p)] + i * l.stride(),
+               l.scales ? st.s[size_t(p)] + i * l.scales : nullptr);
+      }
+    }
+    // Experts the CPU may compute: packed for the CPU kernels, on their node.
     L.cpu_index.assign(size_t(E), -1);
     for (int e = 0; e < E; ++e) {
       const ExpertHome h = L.home[size_t(e)];
       if (h != ExpertHome::Cpu && h != ExpertHome::Mixed) continue;
       try {
-        L.packed.push_back(cpu::PackedExpert::pack((*ls[0])[size_t(e)], (*ls[1])[size_t(e)], (*ls[2])[size_t(e)]));
+        L.packed.push_back(cpu::PackedExpert::pack((*ls[0])[size_t(e)], (*ls[1])[size_t(e)], (*ls[2])[size_t(e)],
+                                                   L.node[size_t(e)]));
       } catch (const Error& x) {
         fail("{}experts: expert {} is placed '{}', but the CPU expert kernels cannot take it: {}", L.prefix, e,
              expert_home_name(h), x.what());
@@ -241,8 +304,12 @@ void ExpertOffload::place(bool progress) {
     host_h_ = static_cast<float*>(pinned(D * 4, "expert inputs (host)"));
     host_y_ = static_cast<float*>(pinned(D * 4, "CPU expert outputs (host)"));
     dev_y_ = static_cast<float*>(alloc_(D * 4, "CPU expert outputs"));
-    pool_ = std::make_unique<cpu::ThreadPool>(p_.cpu_threads);
-    runner_ = std::make_unique<cpu::ExpertRunner>(*pool_);
+    // A pool per node that computes experts, cpu_threads split by the nodes' cores.
+    std::vector<bool> need(node_cpus_.size(), false);
+    for (const Layer& L : layers_)
+      for (size_t e = 0; e < L.home.size(); ++e)
+        if (L.home[e] == ExpertHome::Cpu || L.home[e] == ExpertHome::Mixed) need[size_t(L.node[e])] = true;
+    runner_ = std::make_unique<cpu::NodeRunner>(cpu::split_threads(p_.cpu_threads, node_cpus_, need));
   }
 }
 
@@ -271,6 +338,7 @@ void ExpertOffload::plan(Layer& L, int R, bool fill) {
   std::fill(L.use_of.begin(), L.use_of.end(), -1);
   for (size_t i = 0; i < L.step.uses.size(); ++i) L.use_of[size_t(L.step.uses[i].expert)] = int(i);
   L.jobs.clear();
+  L.job_node.clear();
   if (!L.step.n_cpu) return;
   std::vector<int> job_of(L.home.size(), -1);
   for (int s = 0; s < S; ++s) {
@@ -281,8 +349,8 @@ void ExpertOffload::plan(Layer& L, int R, bool fill) {
       cpu::ExpertJob j;
       j.expert = &L.packed[size_t(L.cpu_index[size_t(e)])];
       j.x = host_h_;
-      j.y = host_y_;
       L.jobs.push_back(std::move(j));
+      L.job_node.push_back(L.node[size_t(e)]);
     }
     cpu::ExpertJob& j = L.jobs[size_t(job_of[size_t(e)])];
     j.rows.push_back(s / K);
@@ -296,14 +364,15 @@ void ExpertOffload::copy(const Layer& L, int expert, int slot) {
   const Group& g = groups_[size_t(L.group)];
   const int i = L.host_index[size_t(expert)];
   BIGMOE_CHECK(i >= 0, "expert offload: layer {} expert {} has no host copy to stream", L.layer, expert);
+  const Layer::Store& st = L.stores[size_t(L.host_store[size_t(expert)])];
   const size_t at = size_t(L.slot0 + slot);
   for (int p = 0; p < 3; ++p) {
     const ExpertLayout& l = L.lay[size_t(p)];
-    check(cudaMemcpyAsync(g.w[size_t(p)] + at * l.stride(), L.host_w[size_t(p)] + size_t(i) * l.stride(), l.wbytes,
+    check(cudaMemcpyAsync(g.w[size_t(p)] + at * l.stride(), st.w[size_t(p)] + size_t(i) * l.stride(), l.wbytes,
                           cudaMemcpyHostToDevice, stream_),
           "cudaMemcpyAsync (streamed expert)");
     if (l.scales)
-      check(cudaMemcpyAsync(g.s[size_t(p)] + at * l.scales, L.host_s[size_t(p)] + size_t(i) * l.scales, l.scales * 4,
+      check(cudaMemcpyAsync(g.s[size_t(p)] + at * l.scales, st.s[size_t(p)] + size_t(i) * l.scales, l.scales * 4,
                             cudaMemcpyHostToDevice, stream_),
             "cudaMemcpyAsync (streamed expert scales)");
   }
@@ -346,12 +415,12 @@ void ExpertOffload::finish(int layer, float* x, int R) {
     // host_y_ finished before this layer's fetch returned.
     const auto t = std::chrono::steady_clock::now();
     const size_t n = size_t(R) * size_t(c_.hidden_size);
-    std::memset(host_y_, 0, n * 4);
-    runner_->run_experts(L.jobs);
+    runner_->run(L.jobs, L.job_node, host_y_, R, c_.hidden_size);  // each node its own experts, at once
     cpu_ms_ += ms_since(t);
     check(cudaMemcpyAsync(dev_y_, host_y_, n * 4, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync (CPU experts)");
     add_inplace(x, dev_y_, n, stream_);
     L.jobs.clear();
+    L.job_node.clear();
   }
   host_ms_ += ms_since(t0_);
 }

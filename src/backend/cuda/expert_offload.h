@@ -10,6 +10,12 @@
 // are kept in pinned host memory in their placed format (the bytes place_experts would upload);
 // experts the CPU may compute (Cpu, Mixed) as cpu::PackedExpert; Mixed ones both ways.
 //
+// NUMA. Every host expert has a node (ExpertPlacement::node, -1 spread round-robin by id:
+// expert_nodes in engine/expert_schedule.h). Its packed copy is allocated on that node, its
+// pinned placed bytes sit in a per-(layer, projection, node) store bound to the node, and its
+// CPU work runs on that node's pool (cpu::NodeRunner: one pool per node with CPU experts, the
+// nodes of a step at once, results summed in node order).
+//
 // A decode step of a host layer (GlmDsaCuda::ffn, <= 16 rows):
 //   moe_route -> decode_begin: ids, route weights (and h when the layer has CPU experts) to
 //   pinned host buffers, sync; ExpertScheduler::plan; H2D copies of the streamed experts into
@@ -30,7 +36,7 @@
 #include <vector>
 
 #include "backend/cpu/expert_kernels.h"
-#include "backend/cpu/thread_pool.h"
+#include "backend/cpu/node_runner.h"
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/glm_dsa_cuda.h"
 #include "engine/expert_schedule.h"
@@ -65,7 +71,8 @@ class ExpertOffload {
 
   // Throws bigmoe::Error naming the culprit when the placement does not fit the model: a layer
   // count other than the main layers', an expert count other than the layer's, a host home on
-  // a dense layer, a fraction outside [0, 1], negative cache slots or threads, an unknown policy.
+  // a dense layer, a fraction outside [0, 1], negative cache slots or threads, an unknown policy,
+  // or a NUMA node this machine does not have (naming the layer, the expert and the node).
   static void validate(const ModelConfig& c, const std::vector<BlockWeights>& layers, const ExpertPlacement& p);
   // Whether layer `layer` has an expert off the GPU under p.
   static bool host_layer(const ExpertPlacement& p, int layer);
@@ -114,17 +121,25 @@ class ExpertOffload {
     std::string prefix;
     std::array<ExpertLayout, 3> lay;
     std::vector<ExpertHome> home;
+    std::vector<int> node;  // [E]: NUMA node of each host expert (expert_nodes), -1 for Gpu
     int group = -1, slot0 = 0, n_res = 0, n_cache = 0, n_transient = 0, n_stream = 0, n_cpu = 0;
     std::unique_ptr<ExpertScheduler> sched;
     std::array<DevExperts, 3> dev;
-    std::vector<int> host_index;  // [E]: row of the pinned store, -1
-    std::array<uint8_t*, 3> host_w{};
-    std::array<float*, 3> host_s{};
+    // Pinned placed bytes of the streamable experts, one store per node they live on.
+    struct Store {
+      int node = -1;
+      std::array<uint8_t*, 3> w{};  // [n, stride] per projection
+      std::array<float*, 3> s{};    // FP8: [n, scales]
+    };
+    std::vector<Store> stores;
+    std::vector<int> host_store;  // [E]: index into stores, -1
+    std::vector<int> host_index;  // [E]: row of its store, -1
     std::vector<int> cpu_index;  // [E]: index into packed, -1
     std::vector<cpu::PackedExpert> packed;
     ExpertScheduler::Step step;  // the current step
     std::vector<int> use_of;     // [E]: index into step.uses, -1
     std::vector<cpu::ExpertJob> jobs;
+    std::vector<int> job_node;  // [jobs]: the node that computes each
   };
   struct Group {
     std::array<ExpertLayout, 3> lay;
@@ -135,6 +150,7 @@ class ExpertOffload {
   Layer& get(int layer);
   const Layer& get(int layer) const;
   void* pinned(size_t bytes, const std::string& what);
+  void* pinned_on_node(size_t bytes, int node, const std::string& what);
   void fetch(Layer& L, const int* ids, const float* route_w, const float* h, int R);
   void plan(Layer& L, int R, bool fill);
   void copy(const Layer& L, int expert, int slot);
@@ -148,7 +164,12 @@ class ExpertOffload {
   std::vector<Layer> layers_;
   std::vector<int> layer_index_;  // [num_hidden_layers]: index into layers_, -1
   std::vector<Group> groups_;
-  std::vector<void*> pinned_;
+  struct Pinned {
+    void* p = nullptr;
+    size_t bytes = 0;  // mapped bytes (pinned_on_node), 0 for cudaHostAlloc
+  };
+  std::vector<Pinned> pinned_;
+  std::vector<int> node_cpus_;  // [numa nodes]: CPUs this process may use on each
   size_t pinned_bytes_ = 0, packed_bytes_ = 0;
   bool any_cpu_ = false;
 
@@ -162,8 +183,7 @@ class ExpertOffload {
   float* host_y_ = nullptr;    // pinned [max_rows * d]
   int* dev_slot_ = nullptr;    // device [max_rows * K]
   float* dev_y_ = nullptr;     // device [max_rows * d]
-  std::unique_ptr<cpu::ThreadPool> pool_;
-  std::unique_ptr<cpu::ExpertRunner> runner_;
+  std::unique_ptr<cpu::NodeRunner> runner_;  // a pool per node with CPU experts
 
   std::chrono::steady_clock::time_point t0_;
   double host_ms_ = 0, cpu_ms_ = 0;

@@ -15,6 +15,7 @@
 #include "backend/cuda/decode_ops.h"
 #include "backend/cuda/expert_offload.h"
 #include "backend/cuda/model_ops.h"
+#include "backend/cuda/routing_count.h"
 #include "tensor/dtype.h"
 #include "tensor/quant.h"
 #include "util/error.h"
@@ -130,6 +131,8 @@ struct GlmDsaCuda::Impl {
   std::map<std::string, Graph> graphs;  // captured decode steps
   std::vector<cudaEvent_t> events;      // profiling
   std::unique_ptr<ExpertOffload> offload;  // experts on the host (null: all on the GPU)
+  std::unique_ptr<RoutingCounter> routing;  // routing statistics (null: off)
+  RoutingStats* routing_stats = nullptr;
 
   Impl(const GlmDsaModel& m, const GlmDsaCudaOptions& o) : model(m), c(m.config()), opt(o) {}
   void enqueue_layers(const std::vector<CudaSequence*>& seqs, const std::vector<int>& rows0,
@@ -667,6 +670,7 @@ struct GlmDsaCuda::Impl {
     linear(b.router, h, R, logits);
     moe_route(logits, b.correction_bias, R, E, c.n_group, c.topk_group, K, c.norm_topk_prob,
               float(c.routed_scaling_factor), ids, route_w, stream);
+    if (routing) routing->record(int(&b - blocks.data()), ids, R, K, stream);
     const int S = R * K;
     if (R <= kDecodeRows) {
       // Decode: the grouped kernel reads the chosen experts from `ids` on the device; with host
@@ -810,7 +814,12 @@ GlmDsaCuda::GlmDsaCuda(const GlmDsaModel& model, const GlmDsaCudaOptions& opt) :
   resident_bytes_ = I.resident;
 }
 
-GlmDsaCuda::~GlmDsaCuda() = default;
+GlmDsaCuda::~GlmDsaCuda() {
+  try {
+    flush_routing_stats();
+  } catch (const Error&) {  // a destructor cannot throw; the counts since the last flush are lost
+  }
+}
 
 CudaSequence GlmDsaCuda::new_sequence() {
   for (size_t s = 0; s < impl_->seq_used.size(); ++s)
@@ -874,6 +883,28 @@ size_t GlmDsaCuda::decode_host_bytes_per_token(int rows) const {
 
 size_t GlmDsaCuda::host_pinned_bytes() const { return impl_->offload ? impl_->offload->pinned_bytes() : 0; }
 size_t GlmDsaCuda::host_packed_bytes() const { return impl_->offload ? impl_->offload->packed_bytes() : 0; }
+
+void GlmDsaCuda::set_routing_stats(RoutingStats* stats) {
+  Impl& I = *impl_;
+  if (stats && (stats->n_experts() != cfg_.n_routed_experts || stats->top_k() != cfg_.num_experts_per_tok))
+    fail("set_routing_stats: the stats count {} experts of top-{}, the model routes to {} of {}", stats->n_experts(),
+         stats->top_k(), cfg_.num_experts_per_tok, cfg_.n_routed_experts);
+  flush_routing_stats();
+  if (bool(stats) != bool(I.routing)) {
+    // The captured decode graphs hold the counting kernel or not: capture them again.
+    for (auto& g : I.graphs)
+      if (g.second.exec) cudaGraphExecDestroy(g.second.exec);
+    I.graphs.clear();
+    I.routing = stats ? std::make_unique<RoutingCounter>(cfg_.num_hidden_layers, cfg_.n_routed_experts, I.stream)
+                      : nullptr;
+  }
+  I.routing_stats = stats;
+}
+
+void GlmDsaCuda::flush_routing_stats() {
+  Impl& I = *impl_;
+  if (I.routing && I.routing_stats) I.routing->flush(*I.routing_stats, I.stream);
+}
 
 OffloadStats GlmDsaCuda::offload_stats() const {
   if (impl_->offload) return impl_->offload->stats();

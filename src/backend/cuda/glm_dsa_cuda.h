@@ -33,12 +33,20 @@ struct ExpertPlacement {
   // home[layer][expert] for the main layers; an empty vector (or an empty layer entry, or a
   // dense layer) means every expert of it on the GPU.
   std::vector<std::vector<ExpertHome>> home;
+  // node[layer][expert], parallel to home: the NUMA node that holds a host expert (its packed
+  // CPU copy and its pinned placed bytes) and whose threads compute it (Cpu / Mixed); -1 = any:
+  // spread round-robin by expert id over the nodes with CPUs (the plan's "cpu:*"). An empty
+  // vector or layer entry means -1 for all; ignored for Gpu experts. A node >= the machine's
+  // (cpu::numa_node_count()) is an error at load naming the layer, expert and node.
+  std::vector<std::vector<int>> node;
   double mixed_cpu_fraction = 0.66;  // share of a step's Mixed expert bytes the CPU computes
   // GPU slots per MoE layer that keep streamed experts after use under a runtime policy
   // (engine/expert_cache.h: "lru" | "lfu"); 0: every streamed expert is copied on each use.
   int cache_slots = 0;
   std::string cache_policy = "lru";
-  int cpu_threads = 0;  // threads of the CPU expert kernels (0: all cores)
+  // Threads of the CPU expert kernels over all nodes that compute experts, split among them in
+  // proportion to their cores (0: every core of each such node).
+  int cpu_threads = 0;
   bool any_host() const;
 };
 
@@ -129,6 +137,17 @@ class GlmDsaCuda {
   // layouts (Cpu, Mixed; Mixed experts are kept both ways), plus the per-step pinned buffers.
   size_t host_pinned_bytes() const;
   size_t host_packed_bytes() const;
+
+  // Routing statistics (`bigmoe profile --gpu`), as GlmDsaModel::set_routing_stats records them
+  // on the CPU: while set, every MoE layer's choice for each row of each step is counted on the
+  // device (routing_count.h: a kernel after the router, inside the captured decode graphs, so
+  // every replay counts). The counts reach `stats` at flush_routing_stats(), when another stats
+  // (or null) is set, and at destruction. stats must have the model's n_experts and top_k, and
+  // must outlive its use here. Turning counting on or off drops the captured decode graphs: the
+  // next steps capture them again, with or without the kernel (so counting costs nothing while
+  // off). The MTP layer is not run, so it has no counts.
+  void set_routing_stats(RoutingStats* stats);
+  void flush_routing_stats();
 
   OffloadStats offload_stats() const;
   void reset_offload_stats();  // counts only: the cache keeps its experts
