@@ -81,7 +81,7 @@ TEST_P(CudaRoutingModel, CountsEqualTheCpuModels) {
 
   cuda::GlmDsaCudaOptions o;
   o.max_context = 128;
-  o.max_sequences = 1;
+  o.max_sequences = 2;  // s, then s2 with counting off and on again
   o.max_rows = k.max_rows;
   o.exact_absorb = true;
   o.prefill_gemm = false;
