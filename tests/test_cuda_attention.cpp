@@ -3,7 +3,9 @@
 // label gpu; runs on the GPU machine). Outputs are poisoned before each run so a kernel that
 // skips elements cannot pass. Head dims: GLM-5.2's kv_lora 512 / rope 64 (the tuned kernel)
 // and the smaller ones of the tiny test models (the generic kernel), decode and prefill T, and
-// long key lists (32768 dense, top-2048 sparse) that the attention splits over many blocks.
+// long key lists (32768 dense, top-2048 sparse) that the attention splits over many blocks. The
+// paged cache: the same calls through a shuffled page table over a pool whose other rows are NaN
+// give the contiguous cache's bits.
 #include <gtest/gtest.h>
 #include <cuda_runtime.h>
 
@@ -11,9 +13,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "backend/cuda/cuda_ops.h"
@@ -30,6 +34,38 @@ constexpr int kLatent = 512, kRope = 64, kNope = 128;  // GLM-5.2
 class CudaAttention : public test::CudaTest {
  public:
 };
+
+// A page table for N positions in pages of P rows: ceil(N / P) distinct pages drawn at random
+// from a pool of that + 3 pages.
+std::vector<int> shuffled_pages(std::mt19937& rng, int N, int P) {
+  const int entries = (N + P - 1) / P;
+  std::vector<int> pages(size_t(entries + 3));
+  std::iota(pages.begin(), pages.end(), 0);
+  std::shuffle(pages.begin(), pages.end(), rng);
+  pages.resize(size_t(entries));
+  return pages;
+}
+
+// The rows [N, width] of a contiguous cache scattered into a pool of pages of P rows through the
+// page table `pages` (from shuffled_pages), NaN everywhere else so that a read through a wrong
+// row shows; the pool and the table on the device.
+struct PagedCopy {
+  DeviceBuffer<float> pool;
+  DeviceBuffer<int> table;
+  PagedCopy(const std::vector<float>& rows, int N, int width, int P, const std::vector<int>& pages)
+      : pool((pages.size() + 3) * P * std::max(width, 1)), table(pages.size()) {
+    std::vector<float> h(pool.n, std::numeric_limits<float>::quiet_NaN());
+    for (int r = 0; r < N; ++r)
+      std::copy_n(rows.begin() + size_t(r) * width, width,
+                  h.begin() + (size_t(pages[size_t(r / P)]) * P + r % P) * width);
+    pool.upload(h);
+    table.upload(pages);
+  }
+};
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
 
 double dot(const float* a, const float* b, int n) {
   double s = 0;
@@ -71,7 +107,8 @@ struct AttnCase {
 
 // topk == 0: dense causal; else a random subset of min(topk, pos+1) causal positions per row,
 // placed at random slots, -1 padding interleaved (prefix: positions 0.. in the first slots).
-void run_attention_case(CudaAttention& f, std::mt19937& rng, const AttnCase& c) {
+// page_rows > 0: the same call over a paged copy of the cache gives the same bits.
+void run_attention_case(CudaAttention& f, std::mt19937& rng, const AttnCase& c, int page_rows = 0) {
   const int L = c.L, R = c.R, N = c.N, H = c.H, T = c.T, pos0 = c.pos0, topk = c.topk;
   ASSERT_LE(pos0 + T, N);
   const double scale = 1.0 / std::sqrt(double(kNope + R));
@@ -116,6 +153,17 @@ void run_attention_case(CudaAttention& f, std::mt19937& rng, const AttnCase& c) 
     std::memcpy(&bits, &out[i], 4);
     ASSERT_EQ(bits, 0xffffffffu) << "write past out at " << i - n_out << ", L=" << L << " R=" << R << " T=" << T;
   }
+  if (page_rows > 0) {
+    const std::vector<int> pages = shuffled_pages(rng, N, page_rows);  // one table for latent and k_pe
+    PagedCopy plat(lat, N, L, page_rows, pages), pkpe(kpe, N, R, page_rows, pages);
+    dout.poison();
+    cuda::mla_decode_attention(dql.p, dqp.p, plat.pool.p, pkpe.pool.p, T, H, L, R, pos0, topk > 0 ? dsel.p : nullptr,
+                               topk, float(scale), dout.p, nullptr, {plat.table.p, page_rows});
+    cuda::check(cudaDeviceSynchronize(), "sync");
+    ASSERT_TRUE(same_bits(dout.download(), out)) << "paged (" << page_rows << " rows per page) differs: L=" << L
+                                                 << " R=" << R << " N=" << N << " H=" << H << " T=" << T
+                                                 << " pos0=" << pos0 << " topk=" << topk;
+  }
   std::vector<std::vector<double>> ref(size_t(T) * H);
   double max_ref = 0;
   for (int t = 0; t < T; ++t)
@@ -136,9 +184,9 @@ void run_attention_case(CudaAttention& f, std::mt19937& rng, const AttnCase& c) 
                                         << " pos0=" << pos0 << " topk=" << topk << " t=" << t << " h=" << h
                                         << " i=" << i << " gpu " << g << " ref " << r;
       }
-  std::printf("  attention L=%-3d R=%-2d N=%-5d H=%-3d T=%-3d pos0=%-5d topk=%-5d%s max|ref| %.3f max err %.2e (%.2e)\n",
+  std::printf("  attention L=%-3d R=%-2d N=%-5d H=%-3d T=%-3d pos0=%-5d topk=%-5d%s max|ref| %.3f max err %.2e (%.2e)%s\n",
               L, R, N, H, T, pos0, topk, empty_t >= 0 ? " (empty row)" : c.prefix ? " (prefix)" : "", max_ref, max_err,
-              max_err / max_ref);
+              max_err / max_ref, page_rows > 0 ? (" paged: same bits, P=" + std::to_string(page_rows)).c_str() : "");
 }
 
 TEST_F(CudaAttention, MlaDecodeMatchesReference) {
@@ -206,6 +254,29 @@ TEST_F(CudaAttention, MlaLongKeysMatchReference) {
   run_attention_case(*this, rng, {.L = 96, .R = 0, .N = 12000, .H = 3, .T = 5, .pos0 = 11990, .topk = 0});
 }
 
+// The paged cache: pages of 64 rows (the engine's default), 16, and 1 and 7 (a key tile and a
+// step's rows cross pages, page size no power of two), over the tuned and the generic kernel,
+// dense and sparse, decode and prefill rows, and key lists long enough to split: the bits of the
+// contiguous cache. Pool rows outside the table are NaN.
+TEST_F(CudaAttention, MlaPagedMatchesContiguous) {
+  for (int P : {64, 16, 7, 1}) {
+    for (int topk : {0, 16, 2048}) {
+      run_attention_case(*this, rng, {.N = 300, .H = 64, .T = 16, .pos0 = 284, .topk = topk}, P);
+      if (HasFatalFailure()) return;
+      run_attention_case(*this, rng, {.L = 32, .R = 8, .N = 90, .H = 4, .T = 5, .pos0 = 70, .topk = topk}, P);
+      if (HasFatalFailure()) return;
+    }
+    run_attention_case(*this, rng, {.N = 140, .H = 20, .T = 37, .pos0 = 90, .topk = 16, .empty_row = true}, P);
+    if (HasFatalFailure()) return;
+    run_attention_case(*this, rng, {.N = 3000, .H = 64, .T = 2, .pos0 = 2990, .topk = 0}, P);
+    if (HasFatalFailure()) return;
+    run_attention_case(*this, rng, {.N = 2100, .H = 64, .T = 4, .pos0 = 2000, .topk = 2100, .prefix = true}, P);
+    if (HasFatalFailure()) return;
+    run_attention_case(*this, rng, {.L = 64, .R = 0, .N = 200, .H = 3, .T = 1, .pos0 = 150, .topk = 0}, P);
+    if (HasFatalFailure()) return;
+  }
+}
+
 TEST_F(CudaAttention, MlaRejectsBadArguments) {
   const int T = 2, H = 4, N = 8;
   DeviceBuffer<float> q(size_t(T) * H * 512 + 4), qp(size_t(T) * H * 64), lat(size_t(N) * 512 + 4), kpe(size_t(N) * 64),
@@ -226,13 +297,17 @@ TEST_F(CudaAttention, MlaRejectsBadArguments) {
   EXPECT_THROW(call(32, 8, T, -1), Error);             // pos0 < 0
   EXPECT_THROW(call(32, 8, T, 0, sel.p, 0), Error);    // selection without topk
   EXPECT_THROW(call(512, 64, T, 0, nullptr, 0, lat.p + 1), Error);  // latent not 16-byte aligned
+  EXPECT_THROW(cuda::mla_decode_attention(q.p, qp.p, lat.p, kpe.p, T, H, 32, 8, 0, nullptr, 0, 0.1f, out.p, nullptr,
+                                          {sel.p, 0}),
+               Error);  // a page table with 0 rows per page
   cuda::check(cudaDeviceSynchronize(), "sync");
   EXPECT_NO_THROW(call(32, 8, 0));  // T = 0: nothing to do
 }
 
 // Spec §3 step 6: I(t, s) = Σ_h w_scale·w[t,h] · ReLU(qi[t,h]·ki(s) / sqrt(Di)), s <= pos; then
-// top-k of each row's causal prefix.
-void run_indexer_case(CudaAttention& f, int Hi, int Di, int N, int T, int pos0, int topk) {
+// top-k of each row's causal prefix. page_rows > 0: the scores over a paged copy of the keys
+// have the same bits.
+void run_indexer_case(CudaAttention& f, int Hi, int Di, int N, int T, int pos0, int topk, int page_rows = 0) {
   const double w_scale = 1.0 / std::sqrt(double(Hi)), dot_scale = 1.0 / std::sqrt(double(Di));
   auto qi = f.randn(size_t(T) * Hi * Di), ki = f.randn(size_t(N) * Di), w = f.randn(size_t(T) * Hi);
   DeviceBuffer<float> dqi(qi.size()), dki(ki.size()), dw(w.size()), dsc(size_t(T) * N);
@@ -249,6 +324,15 @@ void run_indexer_case(CudaAttention& f, int Hi, int Di, int N, int T, int pos0, 
   cuda::check(cudaDeviceSynchronize(), "sync");
   auto sc = dsc.download();
   auto sel = dsel.download();
+  if (page_rows > 0) {
+    PagedCopy pki(ki, N, Di, page_rows, shuffled_pages(f.rng, N, page_rows));
+    dsc.poison();
+    cuda::dsa_indexer_scores(dqi.p, pki.pool.p, dw.p, T, Hi, Di, N, pos0, float(w_scale), dsc.p, nullptr,
+                             {pki.table.p, page_rows});
+    cuda::check(cudaDeviceSynchronize(), "sync");
+    ASSERT_TRUE(same_bits(dsc.download(), sc)) << "paged (" << page_rows << " rows per page) differs: Hi=" << Hi
+                                                << " Di=" << Di << " N=" << N << " T=" << T << " pos0=" << pos0;
+  }
 
   std::vector<double> ref(size_t(T) * N);
   double max_ref = 0;
@@ -327,6 +411,19 @@ TEST_F(CudaAttention, IndexerSmallDimsMatchReference) {
     }
 }
 
+// The keys through a shuffled page table: pages of 64 (a block's keys always in one page), 16,
+// 5 and 1 (blocks across pages); decode and prefill rows; the tuned dims and the tiny models'.
+TEST_F(CudaAttention, IndexerPagedMatchesContiguous) {
+  for (int P : {64, 16, 5, 1})
+    for (int N : {17, 300, 2500}) {
+      const int T = std::min(N, 16);
+      run_indexer_case(*this, 32, 128, N, T, N - T, 2048, P);
+      if (HasFatalFailure()) return;
+      run_indexer_case(*this, 8, 32, N, std::min(N, 37), 0, 16, P);
+      if (HasFatalFailure()) return;
+    }
+}
+
 // Prefill of up to 4096 query tokens in one call (rows past 16 and the workspace for T x N).
 TEST_F(CudaAttention, IndexerPrefillMatchesReference) {
   run_indexer_case(*this, 8, 32, 4096, 4096, 0, 16);
@@ -397,7 +494,8 @@ TEST_F(CudaAttention, SelectionFeedsAttention) {
 // Rough timings (informational, no assertion): H = 64, kv_lora 512, N = 32768 cached positions.
 // Attention: top-2048 sparse, dense causal, dense as a causal selection of width N (the engine's
 // path under graphs) and a 4096-token context in the same width-N selection (most of it padding).
-// TFLOP/s counts 2 H (2 kv_lora + rope) flops per (query, key).
+// TFLOP/s counts 2 H (2 kv_lora + rope) flops per (query, key). Paged: the same caches read as
+// pages of 64 rows through a shuffled page table (what the engine runs).
 TEST_F(CudaAttention, TimingInfo) {
   const int N = 32768, H = 64, Hi = 32, Di = 128, topk = 2048, kMaxT = 16, short_ctx = 4096;
   auto fill = [&](DeviceBuffer<float>& b) { b.upload(randn(b.n)); };
@@ -408,6 +506,13 @@ TEST_F(CudaAttention, TimingInfo) {
   DeviceBuffer<int> dsel(kMaxT * topk), dwide(kMaxT * size_t(N)), dshort(kMaxT * size_t(N));
   size_t ws_bytes = cuda::topk_per_row_workspace_bytes(kMaxT, N);
   DeviceBuffer<char> dws(ws_bytes);
+  const int P = 64;
+  std::vector<int> perm(N / P);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  DeviceBuffer<int> dpages(perm.size());
+  dpages.upload(perm);
+  const cuda::PageTable pt{dpages.p, P};
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
@@ -455,8 +560,20 @@ TEST_F(CudaAttention, TimingInfo) {
     double generic = time_us([&] {
       cuda::mla_decode_attention(dql.p, dqp.p, dlat.p, dkpe.p, T, H, 480, kRope, pos0, dsel.p, topk, 0.07f, dout.p);
     });
+    double idx_paged = time_us(
+        [&] { cuda::dsa_indexer_scores(dqi.p, dki.p, dw.p, T, Hi, Di, N, pos0, 0.17f, dsc.p, nullptr, pt); });
+    double sparse_paged = time_us([&] {
+      cuda::mla_decode_attention(dql.p, dqp.p, dlat.p, dkpe.p, T, H, kLatent, kRope, pos0, dsel.p, topk, 0.07f, dout.p,
+                                 nullptr, pt);
+    });
+    double dense_paged = time_us([&] {
+      cuda::mla_decode_attention(dql.p, dqp.p, dlat.p, dkpe.p, T, H, kLatent, kRope, pos0, nullptr, 0, 0.07f, dout.p,
+                                 nullptr, pt);
+    });
     cuda::check(cudaDeviceSynchronize(), "sync");
     std::printf("  timing N=%d H=%d T=%-2d: indexer %.1f us, top-%d %.1f us\n", N, H, T, idx, topk, tk);
+    std::printf("    paged (%d-row pages): indexer %.1f us, sparse top-%d %.1f us, dense %.1f us\n", P, idx_paged, topk,
+                sparse_paged, dense_paged);
     std::printf("    attention: sparse top-%d %.1f us (%.1f TFLOP/s; generic 480/64 %.1f us), dense %.1f us (%.1f "
                 "TFLOP/s), dense as width-N selection %.1f us, %d-token context in a width-N selection %.1f us\n",
                 topk, sparse, tflops(T, topk, sparse), generic, dense, tflops(T, N - T / 2.0, dense), wide, short_ctx,

@@ -1,8 +1,10 @@
 // The whole GLM-DSA forward on the GPU (GlmDsaCuda) against the CPU reference and against
 // transformers' logits and greedy tokens stored with the fixtures: BF16 safetensors (glm5_tiny,
 // DSA indexer with shared layers), FP8 with 32x32 block scales (dsv3_tiny, group-limited
-// routing, yarn), and the llama.cpp-convention GGUF of glm5_tiny.
+// routing, yarn), and the llama.cpp-convention GGUF of glm5_tiny. The paged cache: sequences
+// whose pages interleave in the pool, truncate and regrowth, an exhausted pool.
 #include <fmt/format.h>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <memory>
@@ -34,6 +36,19 @@ std::unique_ptr<GlmDsaModel> load(const Case& c) {
 }
 
 int argmax(const float* v, int n) { return int(std::max_element(v, v + n) - v); }
+
+std::vector<int> slice(const std::vector<int>& v, size_t a, size_t b) { return {v.begin() + a, v.begin() + b}; }
+
+// The error message of f(), or "" when it does not throw bigmoe::Error.
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
 
 class CudaGlmDsa : public test::CudaTest, public ::testing::WithParamInterface<Case> {
  public:
@@ -184,6 +199,104 @@ TEST_P(CudaGlmDsa, GraphReplayMatchesEagerDecode) {
   }
   for (int step = 0; step < 6; ++step)
     EXPECT_LT(max_row_rel_err(graph[step].data(), eager[step].data(), 2, V), 1e-6) << "step " << step;
+}
+
+// The paged cache, pages of 16 positions: two sequences that grow in turns, 4 tokens each per
+// step (decode steps, replayed from one captured graph across the page boundaries at 16 and 32),
+// take pages in turns, so their pages interleave in the pool; every row's logits stay within
+// 1e-4 of the CPU reference of each sequence alone.
+TEST_P(CudaGlmDsa, InterleavedPagesMatchReference) {
+  const Case& k = GetParam();
+  cuda::GlmDsaCudaOptions o = options(2, 16);
+  o.page_rows = 16;
+  o.exact_absorb = true;
+  cuda::GlmDsaCuda g(*m, o);
+  const int V = m->vocab_size(), T = int(ref.prompt.size());
+  ASSERT_EQ(T % 4, 0);
+  const std::vector<int> pa = ref.prompt, pb(ref.prompt.rbegin(), ref.prompt.rend());
+  auto a = g.new_sequence(), b = g.new_sequence();
+  std::vector<float> got_a, got_b;
+  for (int t0 = 0; t0 < T; t0 += 4) {
+    auto l = g.forward({&a, &b}, {slice(pa, t0, t0 + 4), slice(pb, t0, t0 + 4)});
+    ASSERT_EQ(l.size(), size_t(8) * V);
+    got_a.insert(got_a.end(), l.begin(), l.begin() + 4 * V);
+    got_b.insert(got_b.end(), l.begin() + 4 * V, l.end());
+  }
+  std::vector<int> want_a, want_b;
+  for (int p = 0; p < (T + 15) / 16; ++p) want_a.push_back(2 * p), want_b.push_back(2 * p + 1);
+  EXPECT_EQ(g.cache_pages(a), want_a);
+  EXPECT_EQ(g.cache_pages(b), want_b);
+  EXPECT_EQ(g.free_cache_pages(), 2 * (128 / 16) - 2 * int(want_a.size()));  // default pool: both at full context
+  KVCache ca = m->new_cache(), cb = m->new_cache();
+  ForwardOut ra = m->forward(pa, ca, AttnForm::Plain), rb = m->forward(pb, cb, AttnForm::Plain);
+  EXPECT_LT(max_row_rel_err(got_a.data(), ra.logits.data(), T, V), 1e-4) << k.name << " sequence a";
+  EXPECT_LT(max_row_rel_err(got_b.data(), rb.logits.data(), T, V), 1e-4) << k.name << " sequence b";
+}
+
+// Truncate gives back the pages past the kept positions; regrowth takes whatever pages are free
+// (here the freed one has gone to another sequence meanwhile), and the regrown rows match the
+// CPU reference; free_sequence returns every page.
+TEST_P(CudaGlmDsa, TruncateFreesPagesAndRegrows) {
+  const Case& k = GetParam();
+  cuda::GlmDsaCudaOptions o = options(2, 16);
+  o.page_rows = 16;
+  o.exact_absorb = true;
+  cuda::GlmDsaCuda g(*m, o);
+  const int V = m->vocab_size(), T = int(ref.prompt.size()), total = g.free_cache_pages();
+  ASSERT_EQ(T, 48);
+  auto a = g.new_sequence();
+  g.forward({&a}, {ref.prompt});
+  EXPECT_EQ(g.cache_pages(a), (std::vector<int>{0, 1, 2}));
+  g.truncate(a, 20);  // positions 0..19: pages 0, 1
+  EXPECT_EQ(g.cache_pages(a), (std::vector<int>{0, 1}));
+  EXPECT_EQ(g.free_cache_pages(), total - 2);
+  auto b = g.new_sequence();
+  g.forward({&b}, {slice(ref.prompt, 0, 10)});
+  EXPECT_EQ(g.cache_pages(b), (std::vector<int>{2}));
+  std::vector<float> got = g.forward({&a}, {slice(ref.prompt, 20, 48)});  // rewrites 20..31 of page 1
+  EXPECT_EQ(g.cache_pages(a), (std::vector<int>{0, 1, 3}));
+  KVCache cache = m->new_cache();
+  ForwardOut cpu = m->forward(ref.prompt, cache, AttnForm::Plain);
+  ASSERT_EQ(got.size(), size_t(28) * V);
+  EXPECT_LT(max_row_rel_err(got.data(), cpu.logits.data() + size_t(20) * V, 28, V), 1e-4) << k.name;
+  g.free_sequence(a);
+  EXPECT_EQ(g.free_cache_pages(), total - 1);
+  g.free_sequence(b);
+  EXPECT_EQ(g.free_cache_pages(), total);
+}
+
+// A pool of 3 pages of 16 positions for 2 sequences: a step that needs a page when none is free
+// throws before any work, naming the sequence and the position, and takes no page (all or
+// none); freed pages serve the next step.
+TEST_P(CudaGlmDsa, ExhaustedCachePoolThrows) {
+  const Case& k = GetParam();
+  cuda::GlmDsaCudaOptions o = options(2, 16);
+  o.page_rows = 16;
+  o.cache_pages = 3;
+  o.exact_absorb = true;
+  cuda::GlmDsaCuda g(*m, o);
+  const int V = m->vocab_size();
+  auto a = g.new_sequence(), b = g.new_sequence();
+  g.forward({&a}, {slice(ref.prompt, 0, 40)});
+  EXPECT_EQ(g.free_cache_pages(), 0);
+  using ::testing::HasSubstr;
+  EXPECT_THAT(error_of([&] { g.forward({&b}, {{5}}); }),
+              HasSubstr(fmt::format("sequence {} needs a page for position 0", b.id)));
+  EXPECT_EQ(b.n, 0);
+  g.forward({&a}, {slice(ref.prompt, 40, 48)});  // positions 40..47 are in a's third page
+  EXPECT_THAT(error_of([&] { g.forward({&b, &a}, {{5}, {7}}); }),
+              HasSubstr(fmt::format("sequence {} needs a page for position 0", b.id)));
+  EXPECT_THAT(error_of([&] { g.forward({&a}, {{7, 8}}); }),
+              HasSubstr(fmt::format("sequence {} needs a page for position 48", a.id)));
+  EXPECT_EQ(a.n, 48);
+  EXPECT_TRUE(g.cache_pages(b).empty());
+  g.truncate(a, 16);
+  EXPECT_EQ(g.free_cache_pages(), 2);
+  std::vector<float> got = g.forward({&b}, {slice(ref.prompt, 0, 20)});
+  EXPECT_EQ(g.cache_pages(b).size(), 2u);
+  KVCache cache = m->new_cache();
+  ForwardOut cpu = m->forward(slice(ref.prompt, 0, 20), cache, AttnForm::Plain);
+  EXPECT_LT(max_row_rel_err(got.data(), cpu.logits.data(), 20, V), 1e-4) << k.name;
 }
 
 TEST_P(CudaGlmDsa, RejectsBadInput) {

@@ -67,10 +67,21 @@ struct ExpertWeights {
 void matvec_grouped(const ExpertWeights& ew, int out, int in, const int* ids, int S, const float* x, int x_div,
                     float* y, CUstream_st* stream = nullptr);
 
+// Where a sequence's cache rows live (docs/DESIGN.md, "KV cache"). Paged: position r at pool row
+// table[r / page_rows] * page_rows + r % page_rows, i.e. at pool + that * width floats for rows
+// of `width` floats (pool rows < 2^31). table == nullptr: contiguous, position r at pool row r.
+// The kernels read the table from device memory at run time, so a captured CUDA graph keeps
+// following it when the host adds pages; every position a kernel reads or writes needs an entry.
+struct PageTable {
+  const int* table = nullptr;  // device int [ceil(max_context / page_rows)]: a page per page_rows positions
+  int page_rows = 0;           // positions per page (>= 1 when paged)
+};
+
 // Absorbed-form MLA decode attention (spec §3 steps 5–7, §4) for T >= 1 query tokens of
 // one sequence at positions pos0 + t, over the latent cache. Device pointers, float32:
 // q_lat [T, H, kv_lora] (q̃ = W_UKᵀ q_nope), q_pe [T, H, rope] (roped), latent [N, kv_lora],
-// k_pe [N, rope] (16-byte aligned), out [T, H, kv_lora]:
+// k_pe [N, rope] (16-byte aligned; with `pages`, pools of rows [pool rows, kv_lora] / [pool
+// rows, rope] addressed through the page table), out [T, H, kv_lora]:
 //   out[t, h] = Σ_s softmax_s(scale · (q_lat[t,h]·latent[s] + q_pe[t,h]·k_pe[s])) latent[s]
 // over s = 0..pos0+t (sel == nullptr: dense causal) or over the entries >= 0 of sel[t, 0..topk)
 // (device int [T, topk], e.g. from topk_per_row; -1 = padding). A row with no key gives zeros.
@@ -78,16 +89,17 @@ void matvec_grouped(const ExpertWeights& ew, int out, int in, const int* ids, in
 // (512 / 64, GLM-5.2's, is the tuned case); any T >= 1 (prefill runs it in chunks). Asynchronous on `stream`; throws on bad arguments.
 void mla_decode_attention(const float* q_lat, const float* q_pe, const float* latent, const float* k_pe, int T, int H,
                           int kv_lora, int rope, int pos0, const int* sel, int topk, float scale, float* out,
-                          CUstream_st* stream = nullptr);
+                          CUstream_st* stream = nullptr, const PageTable& pages = {});
 
 // DSA indexer scores (spec §3 step 6) for T queries at positions pos0 + t (pos0 + T <= N):
 //   scores[t, s] = Σ_h w_scale · w[t, h] · ReLU(qi[t, h, :]·ki[s, :] / sqrt(Di)) for s <= pos0+t,
 //   scores[t, s] = -inf for pos0+t < s < N.
-// Device pointers, float32: qi [T, Hi, Di] (roped), ki [N, Di] (cached keys), w [T, Hi] (raw
-// weights_proj output; pass w_scale = Hi^-0.5), scores [T, N]. Needs Di <= 256 and
-// Hi * (Di + 1) floats of shared memory within 48 KB.
+// Device pointers, float32: qi [T, Hi, Di] (roped), ki [N, Di] (cached keys; with `pages`, a pool
+// [pool rows, Di] addressed through the page table), w [T, Hi] (raw weights_proj output; pass
+// w_scale = Hi^-0.5), scores [T, N]. Needs Di <= 256 and Hi * (Di + 1) floats of shared memory
+// within 48 KB.
 void dsa_indexer_scores(const float* qi, const float* ki, const float* w, int T, int Hi, int Di, int N, int pos0,
-                        float w_scale, float* scores, CUstream_st* stream = nullptr);
+                        float w_scale, float* scores, CUstream_st* stream = nullptr, const PageTable& pages = {});
 
 // Per-row top-k selection of indexer scores [T, N] (rows at positions pos0 + t): out [T, topk]
 // (device int) gets the positions of the topk largest scores among s <= pos0+t, in descending

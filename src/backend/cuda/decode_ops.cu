@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "backend/cuda/decode_ops.h"
+#include "backend/cuda/page_math.h"
 #include "backend/cuda/rope_math.h"
 #include "util/error.h"
 
@@ -19,12 +20,12 @@ constexpr int kThreads = 256;
 
 unsigned blocks_for(size_t n) { return unsigned(std::min<size_t>((n + kThreads - 1) / kThreads, 4096)); }
 
-__global__ void append_rows_kernel(float* dst, int dst_stride, const int* pos, const float* src, int src_stride, int T,
-                                   int n) {
-  const int p = *pos;
+__global__ void append_rows_kernel(float* dst, int dst_stride, int pos0, const int* pos, const float* src,
+                                   int src_stride, int T, int n, const PageTable pages) {
+  const int p = pos ? *pos : pos0;
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < size_t(T) * n; i += size_t(gridDim.x) * blockDim.x) {
     const int t = int(i / n), j = int(i % n);
-    dst[size_t(p + t) * dst_stride + j] = src[size_t(t) * src_stride + j];
+    dst[size_t(pool_row(pages, p + t)) * dst_stride + j] = src[size_t(t) * src_stride + j];
   }
 }
 
@@ -43,7 +44,7 @@ __global__ void causal_sel_kernel(int* sel, int T, int ncap, const int* pos) {
 __global__ void kv_to_cache_kernel(const float* __restrict__ kv, int stride, int kvr, const float* __restrict__ w,
                                    float eps, int dim, const float* __restrict__ inv_freq, float factor,
                                    bool interleave, float* __restrict__ latent, float* __restrict__ k_pe, int pos0,
-                                   const int* pos) {
+                                   const int* pos, const PageTable pages) {
   using Reduce = cub::BlockReduce<float, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   __shared__ float inv_s;
@@ -55,10 +56,11 @@ __global__ void kv_to_cache_kernel(const float* __restrict__ kv, int stride, int
   if (threadIdx.x == 0) inv_s = rsqrtf(total / kvr + eps);
   __syncthreads();
   const float inv = inv_s;
-  float* lr = latent + size_t(p) * kvr;
+  const size_t row = size_t(pool_row(pages, p));  // rope turns by p, the row lives at `row`
+  float* lr = latent + row * kvr;
   for (int i = threadIdx.x; i < kvr; i += kThreads) lr[i] = w[i] * (xr[i] * inv);
   const float* er = xr + kvr;
-  float* kr = k_pe + size_t(p) * dim;
+  float* kr = k_pe + row * dim;
   for (int j = threadIdx.x; j < dim / 2; j += kThreads) {
     float c, sn;
     rope_cos_sin(inv_freq[j], p, factor, c, sn);
@@ -75,7 +77,7 @@ __global__ void kv_to_cache_kernel(const float* __restrict__ kv, int stride, int
 __global__ void index_key_to_cache_kernel(const float* __restrict__ k, int n, const float* __restrict__ w,
                                           const float* __restrict__ b, float eps, int dim,
                                           const float* __restrict__ inv_freq, float factor, bool interleave,
-                                          float* __restrict__ cache, int pos0, const int* pos) {
+                                          float* __restrict__ cache, int pos0, const int* pos, const PageTable pages) {
   using Reduce = cub::BlockReduce<float, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   __shared__ float mean_s, inv_s;
@@ -99,7 +101,7 @@ __global__ void index_key_to_cache_kernel(const float* __restrict__ k, int n, co
   const float inv = inv_s;
   for (int i = threadIdx.x; i < n; i += kThreads) row[i] = ((xr[i] - mean) * inv) * w[i] + b[i];
   __syncthreads();
-  float* cr = cache + size_t(p) * n;
+  float* cr = cache + size_t(pool_row(pages, p)) * n;
   for (int i = dim + threadIdx.x; i < n; i += kThreads) cr[i] = row[i];
   for (int j = threadIdx.x; j < dim / 2; j += kThreads) {
     float c, sn;
@@ -116,33 +118,39 @@ __global__ void index_key_to_cache_kernel(const float* __restrict__ k, int n, co
 
 void kv_to_cache(const float* kv, int stride, int T, int kvr, const float* norm_w, float eps, int dim,
                  const float* inv_freq, float factor, bool interleave, float* latent, float* k_pe, int pos0,
-                 const int* pos, CUstream_st* stream) {
+                 const int* pos, CUstream_st* stream, const PageTable& pages) {
   BIGMOE_CHECK(T >= 0 && kvr >= 1 && dim >= 2 && dim % 2 == 0 && stride >= kvr + dim && pos0 >= 0,
                "kv_to_cache: bad shape T {} kv_lora {} rope {} stride {}", T, kvr, dim, stride);
   if (T == 0) return;
   BIGMOE_CHECK(kv && norm_w && inv_freq && latent && k_pe, "kv_to_cache: null pointer");
+  BIGMOE_CHECK(!pages.table || pages.page_rows >= 1, "kv_to_cache: page table with {} rows per page", pages.page_rows);
   kv_to_cache_kernel<<<T, kThreads, 0, stream>>>(kv, stride, kvr, norm_w, eps, dim, inv_freq, factor, interleave,
-                                                 latent, k_pe, pos0, pos);
+                                                 latent, k_pe, pos0, pos, pages);
   check(cudaGetLastError(), "kv_to_cache launch");
 }
 
 void index_key_to_cache(const float* k, int T, int n, const float* w, const float* b, float eps, int dim,
                         const float* inv_freq, float factor, bool interleave, float* cache, int pos0, const int* pos,
-                        CUstream_st* stream) {
+                        CUstream_st* stream, const PageTable& pages) {
   BIGMOE_CHECK(T >= 0 && n >= 1 && dim >= 0 && dim % 2 == 0 && dim <= n && pos0 >= 0 && n <= 8192,
                "index_key_to_cache: bad shape T {} n {} rope {}", T, n, dim);
   if (T == 0) return;
   BIGMOE_CHECK(k && w && b && cache && (dim == 0 || inv_freq), "index_key_to_cache: null pointer");
+  BIGMOE_CHECK(!pages.table || pages.page_rows >= 1, "index_key_to_cache: page table with {} rows per page",
+               pages.page_rows);
   index_key_to_cache_kernel<<<T, kThreads, size_t(n) * 4, stream>>>(k, n, w, b, eps, dim, inv_freq, factor,
-                                                                     interleave, cache, pos0, pos);
+                                                                     interleave, cache, pos0, pos, pages);
   check(cudaGetLastError(), "index_key_to_cache launch");
 }
 
-void append_rows(float* dst, int dst_stride, const int* pos, const float* src, int src_stride, int T, int n,
-                 CUstream_st* stream) {
-  BIGMOE_CHECK(T >= 0 && n >= 0 && dst_stride >= n && src_stride >= n, "append_rows: bad shape T {} n {}", T, n);
+void append_rows(float* dst, int dst_stride, int pos0, const int* pos, const float* src, int src_stride, int T, int n,
+                 CUstream_st* stream, const PageTable& pages) {
+  BIGMOE_CHECK(T >= 0 && n >= 0 && dst_stride >= n && src_stride >= n && pos0 >= 0,
+               "append_rows: bad shape T {} n {} pos0 {}", T, n, pos0);
+  BIGMOE_CHECK(!pages.table || pages.page_rows >= 1, "append_rows: page table with {} rows per page", pages.page_rows);
   if (T == 0 || n == 0) return;
-  append_rows_kernel<<<blocks_for(size_t(T) * n), kThreads, 0, stream>>>(dst, dst_stride, pos, src, src_stride, T, n);
+  append_rows_kernel<<<blocks_for(size_t(T) * n), kThreads, 0, stream>>>(dst, dst_stride, pos0, pos, src, src_stride,
+                                                                         T, n, pages);
   check(cudaGetLastError(), "append_rows launch");
 }
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -16,6 +17,7 @@
 #include "backend/cuda/expert_offload.h"
 #include "backend/cuda/model_ops.h"
 #include "backend/cuda/routing_count.h"
+#include "engine/page_pool.h"
 #include "tensor/dtype.h"
 #include "tensor/quant.h"
 #include "util/error.h"
@@ -80,11 +82,14 @@ struct DevBlock {
   int offload_layer = -1;  // this layer's index when some of its experts live on the host (ExpertOffload)
 };
 
-// Per-sequence, per-layer cache: what the absorbed attention and the indexer read.
+// One layer's cache pools, shared by every sequence: what the absorbed attention and the indexer
+// read. Pool row p * P + i is row i of page p (P = page_rows); a sequence's page table maps its
+// positions to pages, the same page index in every pool of every layer. Page cache_pages, the
+// spare, is zeros and never written (PagePool::null_page).
 struct DevLayerCache {
-  float* latent = nullptr;  // [max_context, kv_lora]
-  float* k_pe = nullptr;    // [max_context, rope]
-  float* idx_k = nullptr;   // [max_context, Di] (indexer "full" layers)
+  float* latent = nullptr;  // [(cache_pages + 1) * P, kv_lora]
+  float* k_pe = nullptr;    // [(cache_pages + 1) * P, rope]
+  float* idx_k = nullptr;   // [(cache_pages + 1) * P, Di] (indexer "full" layers)
 };
 
 }  // namespace
@@ -107,8 +112,13 @@ struct GlmDsaCuda::Impl {
   DevLinear lm_head;
   const float *rope_freq = nullptr, *idx_rope_freq = nullptr;
 
-  // Caches: [sequence][layer]
-  std::vector<std::vector<DevLayerCache>> caches;
+  // Paged cache: pools per layer, the books on the host (pages), and the page tables on the
+  // device, sequence s's at page_table + s * table_size: a fixed address, so captured graphs keep
+  // reading it as the host adds pages (changed entries uploaded before each step: upload_table).
+  std::vector<DevLayerCache> caches;  // [layer]
+  std::unique_ptr<PagePool> pages;
+  int* page_table = nullptr;  // device [max_sequences][table_size]
+  int table_size = 0;         // ceil(max_context / page_rows)
   std::vector<bool> seq_used;
 
   // Activations and scratch, sized for opt.max_rows rows.
@@ -139,6 +149,16 @@ struct GlmDsaCuda::Impl {
                       const std::vector<int>& nrows, int R, bool dev, int ncap, bool last_only,
                       std::vector<float>* prof);
   void finish_profile(std::vector<float>& ms);
+  // Sequence s's page-table entries changed since its last upload, to its device table, ordered
+  // on the stream before the kernels (or the graph) that read them. From pageable memory: the
+  // call returns once the entries are staged, so the host books may change right after.
+  void upload_table(int s) {
+    const auto [lo, hi] = pages->take_dirty(s);
+    if (lo == hi) return;
+    check(cudaMemcpyAsync(page_table + size_t(s) * table_size + lo, pages->table(s) + lo, size_t(hi - lo) * 4,
+                          cudaMemcpyHostToDevice, stream),
+          "cudaMemcpyAsync (page table)");
+  }
   ~Impl() {
     for (void* p : allocations) cudaFree(p);
     if (host_x) cudaFreeHost(host_x);
@@ -571,11 +591,13 @@ struct GlmDsaCuda::Impl {
     const int Hi = c.index_n_heads, Di = c.index_head_dim;
     // Per sequence: rope at its positions, its cache, its indexer top-k, attention over it. In a
     // decode step (dev) positions come from pos_dev (graph-capturable) and the key range is the
-    // capacity ncap: keys past a sequence's position are masked on the device.
+    // capacity ncap: keys past a sequence's position are masked on the device. The cache is the
+    // layer's pools seen through the sequence's page table (its pages are in place: forward).
+    const DevLayerCache& lc = caches[layer];
     for (size_t si = 0; si < seqs.size(); ++si) {
       const int r0 = rows0[si], T = nrows[si], pos0 = seqs[si]->n;
       const int* pd = dev ? pos_dev + si : nullptr;
-      const DevLayerCache& lc = caches[seqs[si]->id][layer];
+      const PageTable pt{page_table + size_t(seqs[si]->id) * table_size, opt.page_rows};
       float* qs = q + size_t(r0) * H * qkh;
       float* kvs = kv + size_t(r0) * (kvr + rope);
       if (mr.dim == rope) {
@@ -583,7 +605,7 @@ struct GlmDsaCuda::Impl {
         rope_to(qs, T * H, qkh, nope, rope, H, pos0, rope_freq, mr.attention_factor, mr.interleave,
                 qpe + size_t(r0) * H * rope, rope, stream, pd);
         kv_to_cache(kvs, kvr + rope, T, kvr, b.kv_a_norm, float(kLoraNormEps), rope, rope_freq, mr.attention_factor,
-                    mr.interleave, lc.latent, lc.k_pe, pos0, pd, stream);
+                    mr.interleave, lc.latent, lc.k_pe, pos0, pd, stream, pt);
       } else {  // rope over part of q_pe / k_pe: the same steps one op at a time
         cuda::rope(qs, T * H, qkh, nope, mr.dim, H, pos0, rope_freq, mr.attention_factor, mr.interleave, stream, pd);
         check(cudaMemcpy2DAsync(qpe + size_t(r0) * H * rope, rope * 4, qs + nope, qkh * 4, rope * 4, size_t(T) * H,
@@ -591,8 +613,8 @@ struct GlmDsaCuda::Impl {
               "cudaMemcpy2DAsync (q_pe)");
         rms_norm_strided(kvs, kvr + rope, b.kv_a_norm, T, kvr, float(kLoraNormEps), kvs, kvr + rope, stream);
         cuda::rope(kvs, T, kvr + rope, kvr, mr.dim, 1, pos0, rope_freq, mr.attention_factor, mr.interleave, stream, pd);
-        to_cache(lc.latent, kvr, pd, pos0, kvs, kvr + rope, T, kvr);
-        to_cache(lc.k_pe, rope, pd, pos0, kvs + kvr, kvr + rope, T, rope);
+        append_rows(lc.latent, kvr, pos0, pd, kvs, kvr + rope, T, kvr, stream, pt);
+        append_rows(lc.k_pe, rope, pos0, pd, kvs + kvr, kvr + rope, T, rope, stream, pt);
       }
       const int N = dev ? ncap : pos0 + T, p0 = dev ? ncap - T : pos0;  // key range, and its last row's start
       const int sw = dev ? std::max(c.index_topk, opt.max_context) : c.index_topk;  // selection row width
@@ -603,9 +625,11 @@ struct GlmDsaCuda::Impl {
         cuda::rope(qis, T * Hi, Di, 0, ir.dim, Hi, pos0, idx_rope_freq, ir.attention_factor, ir.interleave, stream, pd);
         // The key: LayerNorm, rope over its first ir.dim values, into the indexer cache.
         index_key_to_cache(kbuf + size_t(r0) * Di, T, Di, b.idx_k_norm_w, b.idx_k_norm_b, float(kIndexerNormEps),
-                           ir.dim, idx_rope_freq, ir.attention_factor, ir.interleave, lc.idx_k, pos0, pd, stream);
+                           ir.dim, idx_rope_freq, ir.attention_factor, ir.interleave, lc.idx_k, pos0, pd, stream, pt);
+        // In a decode step rows up to ncap - 1 are scored: past the sequence's pages the table
+        // points at the spare page (zeros), and topk_select never reads those scores.
         dsa_indexer_scores(qis, lc.idx_k, wts + size_t(r0) * Hi, T, Hi, Di, N, p0, float(1.0 / std::sqrt(double(Hi))),
-                           scores, stream);
+                           scores, stream, pt);
         // Keys past each row's position (not yet written in a decode step) are never read.
         topk_select(scores, T, N, dev ? 0 : pos0, c.index_topk, sel_s, stream, pd);
         seq_sel_k[si] = c.index_topk;
@@ -617,22 +641,10 @@ struct GlmDsaCuda::Impl {
       const int k = seq_sel_k[si];
       mla_decode_attention(qt + size_t(r0) * H * kvr, qpe + size_t(r0) * H * rope, lc.latent, lc.k_pe, T, H, kvr, rope,
                            p0, k != 0 ? sel_s : nullptr, k > 0 ? k : -k, float(c.attn_scale()),
-                           lat_o + size_t(r0) * H * kvr, stream);
+                           lat_o + size_t(r0) * H * kvr, stream, pt);
     }
     head_matvec(b.kvb_fmt, b.wuv, H, vd, kvr, lat_o, H * kvr, kvr, R, o, stream);
     linear(b.o, o, R, y);
-  }
-
-  // Rows [T] (src_stride apart) into cache rows pos .. pos+T-1 (the position from the device in
-  // a decode step, else pos0).
-  void to_cache(float* cache, int n, const int* pd, int pos0, const float* src, int src_stride, int T, int width) {
-    if (pd) {
-      append_rows(cache, n, pd, src, src_stride, T, width, stream);
-      return;
-    }
-    check(cudaMemcpy2DAsync(cache + size_t(pos0) * n, size_t(n) * 4, src, size_t(src_stride) * 4, size_t(width) * 4, T,
-                            cudaMemcpyDeviceToDevice, stream),
-          "cudaMemcpy2DAsync (cache)");
   }
 
   void ffn(const DevBlock& b, int R) {
@@ -760,9 +772,10 @@ struct GlmDsaCuda::Impl {
 };
 
 GlmDsaCuda::GlmDsaCuda(const GlmDsaModel& model, const GlmDsaCudaOptions& opt) : cfg_(model.config()) {
-  BIGMOE_CHECK(opt.max_context >= 1 && opt.max_sequences >= 1 && opt.max_rows >= 1,
-               "GlmDsaCuda: bad options (max_context {}, max_sequences {}, max_rows {})", opt.max_context,
-               opt.max_sequences, opt.max_rows);
+  BIGMOE_CHECK(opt.max_context >= 1 && opt.max_sequences >= 1 && opt.max_rows >= 1 && opt.page_rows >= 1 &&
+                   opt.cache_pages >= 0,
+               "GlmDsaCuda: bad options (max_context {}, max_sequences {}, max_rows {}, page_rows {}, cache_pages {})",
+               opt.max_context, opt.max_sequences, opt.max_rows, opt.page_rows, opt.cache_pages);
   if (device_count() == 0) fail("no CUDA device");
   check(cudaSetDevice(opt.device), "cudaSetDevice");
   impl_ = std::make_unique<Impl>(model, opt);
@@ -798,17 +811,35 @@ GlmDsaCuda::GlmDsaCuda(const GlmDsaModel& model, const GlmDsaCudaOptions& opt) :
   I.rope_freq = I.upload_vec(model.rope().inv_freq, "rope");
   I.idx_rope_freq = I.upload_vec(model.indexer_rope().inv_freq, "indexer rope");
   I.allocate_work();
-  I.caches.resize(opt.max_sequences);
+  // The paged cache: cache_pages pages per pool (default: every sequence at full context), one
+  // more for the spare page that unused table entries point at, zeroed.
   I.seq_used.assign(opt.max_sequences, false);
-  for (int s = 0; s < opt.max_sequences; ++s) {
-    I.caches[s].resize(L);
-    for (int i = 0; i < L; ++i) {
-      DevLayerCache& lc = I.caches[s][i];
-      const size_t N = size_t(opt.max_context);
-      lc.latent = I.alloc<float>(N * c.kv_lora_rank * 4, "latent cache");
-      lc.k_pe = I.alloc<float>(N * c.qk_rope_head_dim * 4, "k_pe cache");
-      if (I.blocks[i].indexer_full) lc.idx_k = I.alloc<float>(N * c.index_head_dim * 4, "indexer cache");
-    }
+  const int P = opt.page_rows;
+  I.table_size = PagePool::pages_for(opt.max_context, P);
+  const int64_t n_pages = opt.cache_pages > 0 ? opt.cache_pages : int64_t(opt.max_sequences) * I.table_size;
+  if ((n_pages + 1) * P > INT32_MAX)
+    fail("GlmDsaCuda: a cache pool of {} pages of {} positions exceeds 2^31 rows (lower cache_pages or max_context)",
+         n_pages + 1, P);
+  I.pages = std::make_unique<PagePool>(int(n_pages), P, opt.max_sequences, I.table_size);
+  I.page_table = I.alloc<int>(size_t(opt.max_sequences) * I.table_size * 4, "cache page tables");
+  {
+    const std::vector<int> null_tables(size_t(opt.max_sequences) * I.table_size, I.pages->null_page());
+    check(cudaMemcpy(I.page_table, null_tables.data(), null_tables.size() * 4, cudaMemcpyHostToDevice),
+          "cudaMemcpy (page tables)");
+  }
+  const size_t pool_rows = size_t(n_pages + 1) * P, spare = size_t(n_pages) * P;
+  I.caches.resize(L);
+  for (int i = 0; i < L; ++i) {
+    DevLayerCache& lc = I.caches[i];
+    auto pool = [&](int width, const char* what) {
+      float* p = I.alloc<float>(pool_rows * width * 4, fmt::format("layer {} {} cache ({} pages of {} positions)", i,
+                                                                   what, n_pages, P));
+      check(cudaMemset(p + spare * width, 0, size_t(P) * width * 4), "cudaMemset (spare cache page)");
+      return p;
+    };
+    lc.latent = pool(c.kv_lora_rank, "latent");
+    lc.k_pe = pool(c.qk_rope_head_dim, "k_pe");
+    if (I.blocks[i].indexer_full) lc.idx_k = pool(c.index_head_dim, "indexer");
   }
   if (opt.progress) std::fprintf(stderr, "\rupload: %.2f GiB on the device\n", I.resident / 1073741824.0);
   resident_bytes_ = I.resident;
@@ -831,15 +862,31 @@ CudaSequence GlmDsaCuda::new_sequence() {
 }
 
 void GlmDsaCuda::free_sequence(CudaSequence& s) {
-  if (s.id >= 0 && s.id < int(impl_->seq_used.size())) impl_->seq_used[s.id] = false;
+  if (s.id >= 0 && s.id < int(impl_->seq_used.size()) && impl_->seq_used[s.id]) {
+    impl_->seq_used[s.id] = false;
+    impl_->pages->shrink(s.id, 0);
+  }
   s.id = -1;
   s.n = 0;
 }
 
 void GlmDsaCuda::truncate(CudaSequence& s, int n_keep) {
   if (n_keep < 0 || n_keep > s.n) fail("truncate: {} outside 0..{}", n_keep, s.n);
-  s.n = n_keep;  // later positions are overwritten as the sequence grows again
+  if (s.id < 0 || s.id >= int(impl_->seq_used.size()) || !impl_->seq_used[s.id])
+    fail("truncate: sequence {} is not live", s.id);
+  // Whole pages past n_keep go back to the pool; positions n_keep.. of the last kept page are
+  // overwritten as the sequence grows again.
+  impl_->pages->shrink(s.id, n_keep);
+  s.n = n_keep;
 }
+
+std::vector<int> GlmDsaCuda::cache_pages(const CudaSequence& s) const {
+  if (s.id < 0 || s.id >= int(impl_->seq_used.size()) || !impl_->seq_used[s.id])
+    fail("cache_pages: sequence {} is not live", s.id);
+  return impl_->pages->pages(s.id);
+}
+
+int GlmDsaCuda::free_cache_pages() const { return impl_->pages->free_pages(); }
 
 size_t GlmDsaCuda::decode_bytes_layer(int layer, int rows) const {
   const Impl& I = *impl_;
@@ -946,6 +993,16 @@ std::vector<float> GlmDsaCuda::forward(const std::vector<CudaSequence*>& seqs,
 
   for (size_t i = 0; i < seqs.size(); ++i)
     if (tokens[i].empty()) fail("forward: sequence {} of the step has no tokens", i);
+
+  // Cache pages for every position this call writes (all or none: the error names the sequence
+  // and position), then their page-table entries to the device ahead of the step. A captured
+  // graph reads the tables from there, so growing into a new page needs no re-capture.
+  {
+    std::vector<std::pair<int, int>> rows;
+    for (size_t i = 0; i < seqs.size(); ++i) rows.emplace_back(seqs[i]->id, seqs[i]->n + int(tokens[i].size()));
+    I.pages->reserve(rows);
+    for (const CudaSequence* sq : seqs) I.upload_table(sq->id);
+  }
 
   // Chunk: at most max_rows rows per step (and no more than the logits buffer holds when every
   // row's logits are wanted); a long prompt runs as consecutive steps of its rows.

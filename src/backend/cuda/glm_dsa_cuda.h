@@ -5,8 +5,11 @@
 // kernel, which reads the router's choice from device memory; prefill (more rows) runs the
 // tensor-core GEMM on weights dequantized to BF16, grouping the tokens of each expert.
 // Attention is the absorbed MLA over a float32 latent cache with the DSA indexer and top-k on
-// the device. Several sequences can share a step (batched decode): their rows go through the
-// matrix products together and through attention one sequence at a time.
+// the device. The cache is paged: per layer, pools of pages of page_rows positions (latent, k_pe
+// and the indexer key) shared by every sequence, a page table per sequence (engine/page_pool.h
+// keeps the books, the kernels read the table from device memory). Several sequences can share a
+// step (batched decode): their rows go through the matrix products together and through
+// attention one sequence at a time.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -53,6 +56,12 @@ struct ExpertPlacement {
 struct GlmDsaCudaOptions {
   int max_context = 4096;  // cache positions per sequence
   int max_sequences = 4;   // sequences that can exist at once
+  int page_rows = 64;      // positions per cache page
+  // Pages in the cache pool, shared by all sequences (every layer's pools hold this many pages of
+  // page_rows positions, plus one spare). 0: max_sequences * ceil(max_context / page_rows), room
+  // for every sequence at full context. Fewer: a step that needs a page when none is free throws,
+  // naming the sequence and position, before any work.
+  int cache_pages = 0;
   int max_rows = 4096;     // rows (tokens over all sequences) per forward step; longer prompts are chunked
   int device = 0;
   bool progress = false;   // progress bar on stderr while uploading
@@ -106,12 +115,17 @@ class GlmDsaCuda {
 
   const ModelConfig& config() const { return cfg_; }
   CudaSequence new_sequence();
-  void free_sequence(CudaSequence& s);
-  void truncate(CudaSequence& s, int n_keep);
+  void free_sequence(CudaSequence& s);  // its pages go back to the pool
+  void truncate(CudaSequence& s, int n_keep);  // frees the pages past position n_keep - 1
+  // The pool pages of s in position order (page i holds positions [i P, (i + 1) P)), and the
+  // pool's free pages.
+  std::vector<int> cache_pages(const CudaSequence& s) const;
+  int free_cache_pages() const;
 
   // One step: tokens[i] are appended to seqs[i] at positions seqs[i]->n ...; returns the logits
   // of every row, [Σ tokens[i].size(), V], in order (or only each sequence's last row when
-  // last_only). Sequences over max_context or bad token ids throw before any work.
+  // last_only). Sequences over max_context, bad token ids, or new positions that find no free
+  // cache page throw before any work.
   std::vector<float> forward(const std::vector<CudaSequence*>& seqs, const std::vector<std::vector<int>>& tokens,
                              bool last_only = false);
 

@@ -35,6 +35,9 @@
 // with run-time dims (kv_lora <= 512, % 32; rope <= 64, % 8), same code. Shared memory at 512 / 64:
 // 112 KB, two blocks per SM (__launch_bounds__(256, 2) caps registers at 128).
 //
+// Paged cache (PageTable): an entry's position becomes its pool row when it is read from the key
+// list (one page-table load per entry); the queue and the key copies work on pool rows.
+//
 // dsa_indexer_scores: one warp per (t, s), lane per index head (qi staged in shared memory,
 // padded against bank conflicts), the ReLU-weighted head sum reduced across the warp.
 // topk_per_row: CUB segmented radix sort (descending) of each row's causal prefix.
@@ -49,6 +52,7 @@
 #include <utility>
 
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/page_math.h"
 #include "util/error.h"
 
 namespace bigmoe::cuda {
@@ -87,8 +91,9 @@ size_t attn_smem_bytes(int key) {
 struct AttnArgs {
   const float* q_lat;   // [T, H, L] (row 0 of this launch)
   const float* q_pe;    // [T, H, R]
-  const float* latent;  // [N, L]
-  const float* k_pe;    // [N, R]
+  const float* latent;  // [N, L] (paged: [pool rows, L])
+  const float* k_pe;    // [N, R] (paged: [pool rows, R])
+  PageTable pages;      // table null: contiguous
   const int* sel;       // [T, topk] or null (dense causal)
   int topk;
   int H, L, R;          // L / R: run-time dims (the tuned instantiation ignores them)
@@ -180,14 +185,16 @@ __global__ void __launch_bounds__(kAttnThreads, 2) mla_attn_kernel(const AttnArg
   // <= 256 only j = 0; threads tid >= L own none, a whole warp at a time as L % 32 == 0).
   const bool owns = kFull || tid < L;
 
-  // Entries of row t and this thread's entry of round r: tile j = split + splits * (8 r + warp).
+  // Entries of row t and this thread's entry of round r: tile j = split + splits * (8 r + warp),
+  // as the pool row of its key (-1: none).
   const int n_entries = a.sel ? a.topk : a.pos0 + t + 1;
   const int n_etiles = (n_entries + kTile - 1) / kTile;
   const int* sel_row = a.sel ? a.sel + size_t(t) * a.topk : nullptr;
   auto entry_key = [&](int r) -> int {
     const long long e = (split + (long long)splits * ((long long)r * kAttnWarps + warp)) * kTile + lane;
     if (e >= n_entries) return -1;
-    return sel_row ? __ldg(sel_row + e) : int(e);
+    const int s = sel_row ? __ldg(sel_row + e) : int(e);
+    return s < 0 ? s : pool_row(a.pages, s);
   };
 
   float acc[kGroup][kDimsPerThread];
@@ -200,7 +207,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2) mla_attn_kernel(const AttnArg
   float m_run = -INFINITY, l_run = 0.f;
   bool staged = false;  // queries staged (the block ran a tile)
 
-  int count = 0;  // valid keys in the queue (block-uniform)
+  int count = 0;  // valid keys (pool rows) in the queue (block-uniform)
   int key = split < n_etiles ? entry_key(0) : -1;
   for (int r = 0; split < n_etiles; ++r) {
     // Append this round's valid entries to the queue (in entry order).
@@ -528,11 +535,13 @@ constexpr int kIdxMaxDi = 256;
 // grid (ceil(N / kpb), T), kpb keys per block (8, 16 or 32: fewer when the grid would not fill
 // the GPU). Dynamic smem: qi [Hi][Di + 1], w [Hi], keys [kpb][Di]. The block stages its query,
 // weights and keys with unrolled loops (all loads in flight at once), then each warp scores
-// kpb / 8 keys: lane h takes head h, relu(q_h · k) weighted, summed over the warp.
+// kpb / 8 keys: lane h takes head h, relu(q_h · k) weighted, summed over the warp. Paged: a
+// block's keys are consecutive pool rows when they lie in one page (always when page_rows is a
+// multiple of kpb, as blocks start at multiples of kpb); otherwise each key row is looked up.
 __global__ void __launch_bounds__(kIdxThreads)
     indexer_scores_kernel(const float* __restrict__ qi, const float* __restrict__ ki, const float* __restrict__ w,
                           int Hi, int Di, int N, int pos0, float w_scale, float dot_scale, float* __restrict__ scores,
-                          int kpb) {
+                          int kpb, const PageTable pages) {
   extern __shared__ __align__(16) float smem[];
   const int ld = Di + 1;
   float* sq = smem;
@@ -544,9 +553,18 @@ __global__ void __launch_bounds__(kIdxThreads)
 #pragma unroll 8
   for (int i = tid; i < Hi * Di; i += kIdxThreads) sq[(i / Di) * ld + i % Di] = qi[size_t(t) * Hi * Di + i];
   for (int i = tid; i < Hi; i += kIdxThreads) sw[i] = w[size_t(t) * Hi + i] * w_scale;
-  const float* kb = ki + size_t(s0) * Di;
+  if (ncausal > 0) {
+    if (!pages.table || s0 / pages.page_rows == (s0 + ncausal - 1) / pages.page_rows) {
+      const float* kb = ki + size_t(pool_row(pages, s0)) * Di;
 #pragma unroll 8
-  for (int i = tid; i < ncausal * Di; i += kIdxThreads) sk[i] = kb[i];
+      for (int i = tid; i < ncausal * Di; i += kIdxThreads) sk[i] = kb[i];
+    } else {
+      for (int i = tid; i < ncausal * Di; i += kIdxThreads) {
+        const int k = i / Di;
+        sk[i] = ki[size_t(pool_row(pages, s0 + k)) * Di + (i - k * Di)];
+      }
+    }
+  }
   __syncthreads();
   for (int s = s0 + warp; s < s1; s += kIdxWarps) {
     if (s > pos) {
@@ -623,13 +641,15 @@ TopkLayout topk_layout(int T, int N) {
 
 void mla_decode_attention(const float* q_lat, const float* q_pe, const float* latent, const float* k_pe, int T, int H,
                           int kv_lora, int rope, int pos0, const int* sel, int topk, float scale, float* out,
-                          CUstream_st* stream) {
+                          CUstream_st* stream, const PageTable& pages) {
   if (kv_lora <= 0 || kv_lora > kMaxLatent || kv_lora % 32 != 0 || rope < 0 || rope > kMaxRope || rope % 8 != 0)
     fail("mla_decode_attention: kv_lora {} / rope {} unsupported (need kv_lora <= {}, a multiple of 32, and rope <= {}, "
          "a multiple of 8)",
          kv_lora, rope, kMaxLatent, kMaxRope);
   if (T < 0 || H < 0 || pos0 < 0 || (sel && topk <= 0))
     fail("mla_decode_attention: bad arguments T={} H={} pos0={} topk={}", T, H, pos0, topk);
+  if (pages.table && pages.page_rows < 1)
+    fail("mla_decode_attention: page table with {} rows per page", pages.page_rows);
   if (T == 0 || H == 0) return;
   if (reinterpret_cast<uintptr_t>(latent) % 16 != 0 || (rope > 0 && reinterpret_cast<uintptr_t>(k_pe) % 16 != 0))
     fail("mla_decode_attention: latent / k_pe must be 16-byte aligned");
@@ -654,6 +674,7 @@ void mla_decode_attention(const float* q_lat, const float* q_pe, const float* la
   AttnArgs a{};
   a.latent = latent;
   a.k_pe = k_pe;
+  a.pages = pages;
   a.topk = topk;
   a.H = H;
   a.L = kv_lora;
@@ -699,10 +720,11 @@ void mla_decode_attention(const float* q_lat, const float* q_pe, const float* la
 }
 
 void dsa_indexer_scores(const float* qi, const float* ki, const float* w, int T, int Hi, int Di, int N, int pos0,
-                        float w_scale, float* scores, CUstream_st* stream) {
+                        float w_scale, float* scores, CUstream_st* stream, const PageTable& pages) {
   if (T == 0 || N == 0) return;
   if (T < 0 || Hi <= 0 || Di <= 0 || Di > kIdxMaxDi || pos0 < 0 || pos0 + T > N)
     fail("dsa_indexer_scores: bad arguments T={} Hi={} Di={} N={} pos0={}", T, Hi, Di, N, pos0);
+  if (pages.table && pages.page_rows < 1) fail("dsa_indexer_scores: page table with {} rows per page", pages.page_rows);
   // Keys per block: 32, or fewer while the grid would be under two blocks per SM.
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
@@ -718,7 +740,7 @@ void dsa_indexer_scores(const float* qi, const float* ki, const float* w, int T,
     dim3 grid((N + kpb - 1) / kpb, n);
     indexer_scores_kernel<<<grid, kIdxThreads, smem, stream>>>(qi + size_t(t0) * Hi * Di, ki, w + size_t(t0) * Hi, Hi,
                                                                Di, N, pos0 + t0, w_scale, 1.f / std::sqrt(float(Di)),
-                                                               scores + size_t(t0) * N, kpb);
+                                                               scores + size_t(t0) * N, kpb, pages);
     check(cudaGetLastError(), "dsa_indexer_scores launch");
   }
 }
