@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "backend/cuda/decode_ops.h"
+#include "backend/cuda/block_norm.h"
 #include "backend/cuda/page_math.h"
 #include "backend/cuda/rope_math.h"
 #include "util/error.h"
@@ -78,27 +79,11 @@ __global__ void index_key_to_cache_kernel(const float* __restrict__ k, int n, co
                                           const float* __restrict__ b, float eps, int dim,
                                           const float* __restrict__ inv_freq, float factor, bool interleave,
                                           float* __restrict__ cache, int pos0, const int* pos, const PageTable pages) {
-  using Reduce = cub::BlockReduce<float, kThreads>;
-  __shared__ typename Reduce::TempStorage tmp;
-  __shared__ float mean_s, inv_s;
   extern __shared__ float row[];
   const int t = blockIdx.x, p = (pos ? *pos : pos0) + t;
   const float* xr = k + size_t(t) * n;
-  float sum = 0.f;
-  for (int i = threadIdx.x; i < n; i += kThreads) sum += xr[i];
-  const float total = Reduce(tmp).Sum(sum);
-  if (threadIdx.x == 0) mean_s = total / n;
-  __syncthreads();
-  const float mean = mean_s;
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < n; i += kThreads) {
-    const float d = xr[i] - mean;
-    ss += d * d;
-  }
-  const float var = Reduce(tmp).Sum(ss);
-  if (threadIdx.x == 0) inv_s = rsqrtf(var / n + eps);
-  __syncthreads();
-  const float inv = inv_s;
+  float mean, inv;
+  block_layer_norm_stats<kThreads>(xr, n, eps, mean, inv);
   for (int i = threadIdx.x; i < n; i += kThreads) row[i] = ((xr[i] - mean) * inv) * w[i] + b[i];
   __syncthreads();
   float* cr = cache + size_t(pool_row(pages, p)) * n;

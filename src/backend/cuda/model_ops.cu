@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "backend/cuda/model_ops.h"
+#include "backend/cuda/block_norm.h"
 #include "backend/cuda/pdl.h"
 #include "backend/cuda/rope_math.h"
 #include "util/error.h"
@@ -63,26 +64,10 @@ __global__ void rope_kernel(float* x, int rows, size_t stride, int offset, int d
 
 __global__ void layer_norm_kernel(const float* x, const float* __restrict__ w, const float* __restrict__ b, int n,
                                   float eps, float* y) {
-  using Reduce = cub::BlockReduce<float, kThreads>;
-  __shared__ typename Reduce::TempStorage tmp;
-  __shared__ float mean_s, inv_s;
   const float* xr = x + size_t(blockIdx.x) * n;
   float* yr = y + size_t(blockIdx.x) * n;
-  float sum = 0.f;
-  for (int i = threadIdx.x; i < n; i += kThreads) sum += xr[i];
-  const float total = Reduce(tmp).Sum(sum);
-  if (threadIdx.x == 0) mean_s = total / n;
-  __syncthreads();  // also lets tmp be reused
-  const float mean = mean_s;
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < n; i += kThreads) {
-    const float d = xr[i] - mean;
-    ss += d * d;
-  }
-  const float var = Reduce(tmp).Sum(ss);
-  if (threadIdx.x == 0) inv_s = rsqrtf(var / n + eps);
-  __syncthreads();
-  const float inv = inv_s;
+  float mean, inv;
+  block_layer_norm_stats<kThreads>(xr, n, eps, mean, inv);
   for (int i = threadIdx.x; i < n; i += kThreads) yr[i] = ((xr[i] - mean) * inv) * w[i] + b[i];
 }
 
