@@ -327,6 +327,27 @@ __device__ __forceinline__ float f128(uint32_t w, int j) {  // 128 + byte j of w
 __device__ __forceinline__ float f2p23(uint32_t w, int j) {  // 2^23 + byte j of w
   return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7650u | uint32_t(j)));
 }
+// Q4_K: d * sc and dmin * m of sub-blocks j0 and j0 + 1 of a block whose first 16 bytes are h
+// (d, dmin, 12 bytes of 6-bit scales and mins), k = j0 / 2: one rounding each (the 6-bit value
+// enters through the mantissa, the power-of-2 offset cancels exactly).
+__device__ __forceinline__ void q4k_scales(const uint4& h, int k, int j0, float& dl0, float& dl1, float& ml0,
+                                           float& ml1) {
+  const float2 dd = __half22float2(*reinterpret_cast<const __half2*>(&h.x));
+  uint32_t scw, mw;
+  if (k < 2) {
+    scw = h.y & 0x3F3F3F3Fu;
+    mw = h.z & 0x3F3F3F3Fu;
+  } else {
+    scw = (h.w & 0x0F0F0F0Fu) | ((h.y >> 2) & 0x30303030u);
+    mw = ((h.w >> 4) & 0x0F0F0F0Fu) | ((h.z >> 2) & 0x30303030u);
+  }
+  const float nd = -dd.x * 8388608.f, nm = -dd.y * 8388608.f;  // exact (power of 2)
+  dl0 = fmaf(dd.x, f2p23(scw, j0), nd);
+  dl1 = fmaf(dd.x, f2p23(scw, j0 + 1), nd);
+  ml0 = fmaf(dd.y, f2p23(mw, j0), nm);
+  ml1 = fmaf(dd.y, f2p23(mw, j0 + 1), nm);
+}
+
 // 8 bytes at a 2-byte-aligned shared-memory address (reads up to 4 bytes past them).
 __device__ __forceinline__ uint2 lds8_a2(const uint8_t* p) {
   const uint32_t* a = reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(3));
@@ -370,10 +391,13 @@ struct QTask<WeightFormat::Q6_K> {
   static constexpr int LANES = 8;
 };
 
-// cp.async of 16 bytes global -> shared, zero-filling past `bytes` (0..16) of the source.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-  const uint32_t d = uint32_t(__cvta_generic_to_shared(dst));
+// cp.async of 16 bytes global -> shared (address d in the shared window), zero-filling past
+// `bytes` (0..16) of the source.
+__device__ __forceinline__ void cp_async16(uint32_t d, const void* src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async16(uint32_t d, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
@@ -410,6 +434,7 @@ __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(
   // Two stages per warp: the run of blocks of step i + 1 is in flight (cp.async) while step i
   // is decoded, so a warp always has loads outstanding.
   uint8_t* const wstage = reinterpret_cast<uint8_t*>(matvec_qsmem) + size_t(threadIdx.x >> 5) * 2 * R * STAGE;
+  const uint32_t sstage = uint32_t(__cvta_generic_to_shared(wstage));  // the same, as cp.async takes it
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = (blockIdx.x * (kWarps / ksplit) + warp / ksplit) * R, ks = warp % ksplit;
@@ -436,19 +461,39 @@ __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(
       const int row = min(row0 + r, out - 1);  // rows past the end re-read the last row, unused
       return reinterpret_cast<uintptr_t>(w) + size_t(row) * row_bytes + size_t(g) * T::BS;
     };
+    // Q4_K (144-byte blocks, rows of whole 16-byte chunks from a 16-byte aligned w): every run
+    // starts on a chunk and ends on one inside its row, so plain copies from one row pointer.
+    constexpr bool kChunked = T::BS % 16 == 0;
+    const uint8_t* const wrow = w + size_t(row0) * row_bytes;
     auto issue = [&](int g, int buf) {
       const int nblk = min(GR, g1 - g);
+      if constexpr (kChunked) {
+        const uint8_t* const p = wrow + size_t(g) * T::BS + 16 * lane;
+        const int nch = nblk * (T::BS / 16);
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uintptr_t start = row_start(r, g), base = start & ~uintptr_t(15);
-        const int nch = int((start + size_t(nblk) * T::BS - base + 15) / 16);
-        uint8_t* dst = wstage + size_t(buf * R + r) * STAGE;
+        for (int r = 0; r < R; ++r) {
+          const int rr = min(row0 + r, out - 1) - row0;  // rows past the end re-read the last row, unused
+          const uint8_t* const q = p + size_t(rr) * row_bytes;
+          const uint32_t dst = sstage + uint32_t((buf * R + r) * STAGE + 16 * lane);
 #pragma unroll
-        for (int j = 0; j < MAXC; ++j) {
-          const int c = lane + 32 * j;
-          const uintptr_t a = base + 16 * size_t(c);
-          if (c < nch && c < STAGE / 16)
-            cp_async16(dst + 16 * c, reinterpret_cast<const void*>(a), a + 16 <= wend ? 16 : int(wend - a));
+          for (int j = 0; j < MAXC; ++j)
+            if (lane + 32 * j < nch && lane + 32 * j < STAGE / 16) cp_async16(dst + 512 * j, q + 512 * j);
+        }
+      } else {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uintptr_t start = row_start(r, g), base = start & ~uintptr_t(15);
+          const int nch = (int(start & 15) + nblk * T::BS + 15) >> 4;
+          // Bytes readable from base (32-bit from here on): the last chunk of the matrix is
+          // copied in part and zero-filled.
+          const int avail = int(min(wend - base, uintptr_t(STAGE)));
+          const uint32_t dst = sstage + uint32_t((buf * R + r) * STAGE);
+#pragma unroll
+          for (int j = 0; j < MAXC; ++j) {
+            const int c = lane + 32 * j;
+            if (c < nch && c < STAGE / 16)
+              cp_async16(dst + 16 * c, reinterpret_cast<const void*>(base + 16 * size_t(c)), min(16, avail - 16 * c));
+          }
         }
       }
     };
@@ -512,18 +557,8 @@ __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(
             const uint8_t* bp = sb[r] + blk * T::BS;  // 16-byte aligned
             const uint4 h = *reinterpret_cast<const uint4*>(bp);
             const uint4 qv = *reinterpret_cast<const uint4*>(bp + 16 + 32 * k + l0);
-            const float2 dd = __half22float2(*reinterpret_cast<const __half2*>(&h.x));
-            uint32_t scw, mw;
-            if (k < 2) {
-              scw = h.y & 0x3F3F3F3Fu;
-              mw = h.z & 0x3F3F3F3Fu;
-            } else {
-              scw = (h.w & 0x0F0F0F0Fu) | ((h.y >> 2) & 0x30303030u);
-              mw = ((h.w >> 4) & 0x0F0F0F0Fu) | ((h.z >> 2) & 0x30303030u);
-            }
-            const float nd = -dd.x * 8388608.f, nm = -dd.y * 8388608.f;  // exact (power of 2)
-            const float dl0 = fmaf(dd.x, f2p23(scw, j0), nd), dl1 = fmaf(dd.x, f2p23(scw, j0 + 1), nd);
-            const float ml0 = fmaf(dd.y, f2p23(mw, j0), nm), ml1 = fmaf(dd.y, f2p23(mw, j0 + 1), nm);
+            float dl0, dl1, ml0, ml1;
+            q4k_scales(h, k, j0, dl0, dl1, ml0, ml1);
             const uint32_t q4[4] = {qv.x, qv.y, qv.z, qv.w};
             float s0 = 0.f, s1 = 0.f;
 #pragma unroll
@@ -551,20 +586,7 @@ __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(
             const uint8_t* bp = sb[r] + blk * T::BS;  // 16-byte aligned (off = 0)
             const uint4 h = *reinterpret_cast<const uint4*>(bp);
             const uint2 qv = *reinterpret_cast<const uint2*>(bp + 16 + 32 * k + l0);
-            const float2 dd = __half22float2(*reinterpret_cast<const __half2*>(&h.x));
-            uint32_t scw, mw;
-            if (k < 2) {
-              scw = h.y & 0x3F3F3F3Fu;
-              mw = h.z & 0x3F3F3F3Fu;
-            } else {
-              scw = (h.w & 0x0F0F0F0Fu) | ((h.y >> 2) & 0x30303030u);
-              mw = ((h.w >> 4) & 0x0F0F0F0Fu) | ((h.z >> 2) & 0x30303030u);
-            }
-            const float nd = -dd.x * 8388608.f, nm = -dd.y * 8388608.f;  // exact (power of 2)
-            dl0[r] = fmaf(dd.x, f2p23(scw, j0), nd);  // d * sc, one rounding
-            dl1[r] = fmaf(dd.x, f2p23(scw, j0 + 1), nd);
-            ml0[r] = fmaf(dd.y, f2p23(mw, j0), nm);
-            ml1[r] = fmaf(dd.y, f2p23(mw, j0 + 1), nm);
+            q4k_scales(h, k, j0, dl0[r], dl1[r], ml0[r], ml1[r]);
             lo[r][0] = qv.x & 0x0F0F0F0Fu, lo[r][1] = qv.y & 0x0F0F0F0Fu;
             hi[r][0] = (qv.x >> 4) & 0x0F0F0F0Fu, hi[r][1] = (qv.y >> 4) & 0x0F0F0F0Fu;
           }
