@@ -17,7 +17,9 @@
 //   --plan FILE                       a plan file (`bigmoe plan --out`), or
 //   --machine FILE --layout NAME      plan here: the planner on this model and machine file, that layout
 //     [--gpu-mem GiB]                 (its GPU memory cap; the layout must fit unless it is all-gpu)
-//   --cache-slots N --cache-policy lru|lfu --cpu-threads N   the executor's runtime knobs
+//   --cache-slots N --cache-policy lru|lfu --prefetch on|off --cpu-threads N
+//                                     the executor's runtime knobs (the cache ones default to the
+//                                     plan file's expert_cache, else 0 slots, lru, prefetch on)
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <fmt/format.h>
@@ -101,9 +103,9 @@ int main(int argc, char** argv) try {
   std::vector<int> prefill = {512, 4096}, batches = {1, 4};
   int steps = 32, ext_layers = 78, ext_dense = 3, ctx_prompt = 512;
   bool profile_step = false;
-  std::string plan_path, machine_path, layout, cache_policy = "lru";
+  std::string plan_path, machine_path, layout, cache_policy, prefetch;  // "": the plan's or the default
   double gpu_mem = 0;
-  int cache_slots = 0, cpu_threads = 0;
+  int cache_slots = -1, cpu_threads = 0;  // slots -1: the plan's or the default
   std::string synth;
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
@@ -126,9 +128,12 @@ int main(int argc, char** argv) try {
     else if (a == "--gpu-mem") gpu_mem = std::atof(v);
     else if (a == "--cache-slots") cache_slots = std::atoi(v);
     else if (a == "--cache-policy") cache_policy = v;
+    else if (a == "--prefetch") prefetch = v;
     else if (a == "--cpu-threads") cpu_threads = std::atoi(v);
     else fail("unknown option {}", a);
   }
+  if (cache_slots < -1) fail("--cache-slots {}: expected a count >= 0", cache_slots);
+  if (!prefetch.empty() && prefetch != "on" && prefetch != "off") fail("--prefetch {}: expected on or off", prefetch);
   cudaDeviceProp prop{};
   cuda::check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
   std::printf("device: %s, %.1f GiB\n", prop.name, prop.totalGlobalMem / 1073741824.0);
@@ -177,8 +182,9 @@ int main(int argc, char** argv) try {
   if (ep) {
     plan::check_plan_against(*ep, c);
     o.experts = plan::expert_placement(*ep);
-    o.experts.cache_slots = cache_slots;
-    o.experts.cache_policy = cache_policy;
+    if (cache_slots >= 0) o.experts.cache_slots = cache_slots;
+    if (!cache_policy.empty()) o.experts.cache_policy = cache_policy;
+    if (!prefetch.empty()) o.experts.prefetch = prefetch == "on";
     o.experts.cpu_threads = cpu_threads;
     std::printf("placement: %s\n", ep->summary().c_str());
   }
@@ -240,10 +246,12 @@ int main(int argc, char** argv) try {
       const cuda::OffloadStats os = g.offload_stats();
       const double n = double(steps);
       offload_lines.push_back(fmt::format(
-          "| {} | {:.3f} | {:.1f} | {:.1f} | {:.2f} | {:.1f} | {:.1f} | {:.1f} | {:.2f} | {:.2f} | {:.2f} |", B, st * 1e3,
-          B / st, B == 1 ? ep->decode_tps_b1 : B == 4 ? ep->decode_tps_b4 : 0.0,
+          "| {} | {:.3f} | {:.1f} | {:.1f} | {:.2f} | {:.1f} | {:.1f} | {:.1f} | {:.2f} | {:.2f} | {:.1f} | {:.1f} | {:.2f} "
+          "| {:.2f} | {:.2f} |",
+          B, st * 1e3, B / st, B == 1 ? ep->decode_tps_b1 : B == 4 ? ep->decode_tps_b4 : 0.0,
           B == 1 ? (B / st) / ep->decode_tps_b1 : B == 4 ? (B / st) / ep->decode_tps_b4 : 0.0, os.streamed / n,
-          os.streamed_bytes / n / 1e6, os.cpu_bytes / n / 1e6, os.cache_hit_rate(), os.host_ms / n, os.cpu_ms / n));
+          os.streamed_bytes / n / 1e6, os.cpu_bytes / n / 1e6, os.cache_hit_rate(), os.demand_hit_rate(),
+          os.prefetches / n, os.prefetch_hits / n, os.prefetch_bytes / n / 1e6, os.host_ms / n, os.cpu_ms / n));
     }
     // Rows share the non-expert weights; their experts are counted as distinct (an upper bound).
     const double sb = double(g.decode_bytes_per_token(B));
@@ -278,11 +286,15 @@ int main(int argc, char** argv) try {
     std::printf("\nhost bytes per decode row: %.3f GB (routed experts off the GPU)\n",
                 g.decode_host_bytes_per_token() / 1e9);
     std::printf("\noffload, layout %s: measured decode beside the planner's prediction (its bytes per path over the "
-                "machine file's bandwidths); per decode step: experts streamed, MB streamed, MB the CPU read, cache "
-                "hit rate, host ms (router sync to CPU result), of which CPU kernels\n\n",
-                ep->layout.c_str());
+                "machine file's bandwidths); per decode step: experts streamed on demand, MB streamed, MB the CPU "
+                "read, cache hit rate, the same without prefetched experts' first uses, experts prefetched, "
+                "of which used, MB prefetched, host ms (router sync to CPU result), of which CPU kernels "
+                "(cache %d slots, %s, prefetch %s)\n\n",
+                ep->layout.c_str(), o.experts.cache_slots, o.experts.cache_policy.c_str(),
+                o.experts.prefetch ? "on" : "off");
     std::printf("| batch | step ms | tok/s | predicted tok/s | measured / predicted | streamed | MB streamed | MB CPU "
-                "| cache hits | host ms | CPU ms |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+                "| cache hits | w/o prefetch | prefetched | used | MB prefetched | host ms | CPU ms |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (auto& l : offload_lines) std::printf("%s\n", l.c_str());
   }
   if (!layer_ms.empty()) {

@@ -13,7 +13,8 @@ M=${1:-/tmp/synth-glm.gguf}
 GM=${2:-12}
 B=.devbuild/bin/bench_model
 COMMON="--synth gguf --prefill 64 --prompt 64 --batch 1,4 --steps 8 --machine machines/h100-test.json --gpu-mem $GM --cpu-threads ${CPU_THREADS:-16}"
-for run in "experts-cpu" "experts-streamed" "experts-streamed --cache-slots 64" "mixed" "hot-cache" "hot-cache-mixed"; do
+for run in "experts-cpu" "experts-streamed" "experts-streamed --cache-slots 64 --prefetch off" \
+    "experts-streamed --cache-slots 64" "mixed" "hot-cache" "hot-cache-mixed"; do
   name=$(echo "$run" | tr ' ' '_')
   echo "== $run"
   timeout ${RUN_TIMEOUT:-150} $B "$M" $COMMON --layout $run > "$OUT/offload-$name.txt" 2> "$OUT/offload-$name.err"

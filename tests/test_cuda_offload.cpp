@@ -7,11 +7,15 @@
 // kernel on slot ids), a prefill step (per-expert products), and two sequences in one step,
 // all float32 (exact_absorb, no tensor-core prefill), so the tolerance is the all-GPU test's
 // 1e-4. Where a fixture's expert format has no CPU kernel (glm5_tiny_gguf holds F32 experts),
-// a placement that needs one must fail at load, naming the layer, expert and tensor.
+// a placement that needs one must fail at load, naming the layer, expert and tensor. Prefetch
+// is on by default, so every placement with cache slots runs it; CudaPrefetch checks that it
+// changes no bit of the logits (every expert streamed through LRU / LFU slots, one and two
+// sequences) and that its counts are sane.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -170,6 +174,8 @@ TEST_P(CudaOffload, DecodeStepsMatchReference) {
   const cuda::OffloadStats st = g->offload_stats();
   EXPECT_EQ(st.layer_cache_hit_rate.size(), size_t(m->config().num_hidden_layers));
   EXPECT_EQ(st.streamed, st.cache_misses);
+  EXPECT_LE(st.prefetch_hits, st.prefetches);
+  EXPECT_LE(st.prefetch_hits, st.cache_hits);
   if (placement == "all_gpu") {
     EXPECT_EQ(st.steps, 0u);
   } else {
@@ -190,12 +196,14 @@ TEST_P(CudaOffload, DecodeStepsMatchReference) {
     EXPECT_GT(g->host_pinned_bytes(), 0u);
   }
   if (placement == "stream") {
-    EXPECT_EQ(st.cache_hits + st.cache_fills, 0u);
+    EXPECT_EQ(st.cache_hits + st.cache_fills + st.prefetches, 0u);  // no slots: no prefetch
   }
   if (placement == "stream_lru") {
     EXPECT_GT(st.cache_hits, 0u);
     EXPECT_GT(st.cache_fills, 0u);
     EXPECT_GT(st.cache_hit_rate(), 0.0);
+    EXPECT_GT(st.prefetches, 0u);
+    EXPECT_GT(st.prefetch_bytes, 0.0);
   }
   if (placement == "mixed" || placement == "mixture" || placement == "numa") {
     EXPECT_GT(st.cpu_experts, 0u);
@@ -276,6 +284,119 @@ TEST_P(CudaOffload, DecodeBytesSplitByHome) {
 
 INSTANTIATE_TEST_SUITE_P(Placements, CudaOffload,
                          ::testing::Combine(::testing::ValuesIn(kFixtures), ::testing::ValuesIn(kPlacements)),
+                         [](const auto& info) {
+                           return std::string(std::get<0>(info.param).name) + "_" + std::get<1>(info.param);
+                         });
+
+// Prefetch on against off: every routed expert streamed through 3 cache slots per layer (LRU or
+// LFU), max_rows 16, so the prompt too runs as decode steps (the steps that predict and
+// prefetch). The logits must be bitwise those without prefetch (it moves only when bytes arrive,
+// and which slot holds an expert, never what a kernel computes) and within the all-GPU test's
+// 1e-4 of the CPU reference, one sequence and two per step.
+class CudaPrefetch : public test::CudaTest,
+                     public ::testing::WithParamInterface<std::tuple<Fixture, const char*>> {
+ public:
+  void SetUp() override {
+    test::CudaTest::SetUp();
+    if (IsSkipped()) return;
+    const Fixture& f = std::get<0>(GetParam());
+    policy = std::get<1>(GetParam());
+    m = f.gguf ? GlmDsaModel::load_gguf(fixture(f.name) / "model.gguf") : GlmDsaModel::load(fixture(f.name));
+    ref = load_reference(f.ref);
+    std::vector<int> all = ref.prompt;
+    all.insert(all.end(), ref.greedy.begin(), ref.greedy.end());
+    KVCache cache = m->new_cache();
+    cpu_logits = m->forward(all, cache, AttnForm::Plain).logits;
+  }
+  cuda::GlmDsaCudaOptions options(int sequences, bool prefetch) const {
+    cuda::GlmDsaCudaOptions o;
+    o.max_context = 128;
+    o.max_sequences = sequences;
+    o.max_rows = 16;
+    o.exact_absorb = true;
+    o.prefill_gemm = false;
+    o.experts = make_placement("stream_lru", *m);  // 3 slots
+    o.experts.cache_policy = policy;
+    o.experts.prefetch = prefetch;
+    return o;
+  }
+  // Elements whose bits differ (sizes must match).
+  static size_t bit_diffs(const std::vector<float>& a, const std::vector<float>& b) {
+    EXPECT_EQ(a.size(), b.size());
+    size_t n = 0;
+    for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) n += std::memcmp(&a[i], &b[i], sizeof(float)) != 0;
+    return n;
+  }
+  void check_stats(const cuda::GlmDsaCuda& on, const cuda::GlmDsaCuda& off) const {
+    const cuda::OffloadStats a = on.offload_stats(), b = off.offload_stats();
+    if (policy == "lru") {
+      EXPECT_GT(a.prefetches, 0u);
+      EXPECT_GT(a.prefetch_bytes, 0.0);
+    }
+    EXPECT_LE(a.prefetch_hits, a.prefetches);
+    EXPECT_LE(a.prefetch_hits, a.cache_hits);
+    EXPECT_LE(a.demand_hit_rate(), a.cache_hit_rate());
+    EXPECT_GE(a.demand_hit_rate(), 0.0);
+    EXPECT_EQ(a.streamed, a.cache_misses);
+    EXPECT_EQ(a.steps, b.steps);
+    EXPECT_EQ(b.prefetches + b.prefetch_hits, 0u);
+    EXPECT_EQ(b.prefetch_bytes, 0.0);
+    EXPECT_DOUBLE_EQ(b.demand_hit_rate(), b.cache_hit_rate());
+  }
+
+  std::string policy;
+  std::unique_ptr<GlmDsaModel> m;
+  test::Reference ref;
+  std::vector<float> cpu_logits;  // [T + N, V]
+};
+
+TEST_P(CudaPrefetch, OneSequenceBitwiseAsWithout) {
+  cuda::GlmDsaCuda on(*m, options(1, true)), off(*m, options(1, false));
+  const int V = m->vocab_size(), T = int(ref.prompt.size()), N = int(ref.greedy.size());
+  auto so = on.new_sequence(), sf = off.new_sequence();
+  std::vector<float> a = on.forward({&so}, {ref.prompt}), b = off.forward({&sf}, {ref.prompt});
+  ASSERT_EQ(a.size(), size_t(T) * V);
+  EXPECT_EQ(bit_diffs(a, b), 0u) << policy << ": prompt (16-row steps)";
+  EXPECT_LT(max_row_rel_err(a.data(), cpu_logits.data(), T, V), 1e-4) << policy << ": prompt";
+  for (int j = 0; j < N; ++j) {
+    a = on.forward({&so}, {{ref.greedy[size_t(j)]}}, true);
+    b = off.forward({&sf}, {{ref.greedy[size_t(j)]}}, true);
+    ASSERT_EQ(a.size(), size_t(V));
+    EXPECT_EQ(bit_diffs(a, b), 0u) << policy << ": decode step " << j;
+    EXPECT_LT(max_row_rel_err(a.data(), cpu_logits.data() + size_t(T + j) * V, 1, V), 1e-4)
+        << policy << ": decode step " << j;
+  }
+  check_stats(on, off);
+}
+
+// Two sequences: the prompts as 16-row steps of one sequence each, then decode steps of two
+// rows (a continues with the greedy tokens, b with its prompt's next tokens).
+TEST_P(CudaPrefetch, TwoSequencesBitwiseAsWithout) {
+  cuda::GlmDsaCuda on(*m, options(2, true)), off(*m, options(2, false));
+  const int V = m->vocab_size(), T = int(ref.prompt.size()), Tb = 20;
+  auto ao = on.new_sequence(), bo = on.new_sequence(), af = off.new_sequence(), bf = off.new_sequence();
+  const std::vector<int> pb(ref.prompt.begin(), ref.prompt.begin() + Tb);
+  std::vector<float> x = on.forward({&ao, &bo}, {ref.prompt, pb}), y = off.forward({&af, &bf}, {ref.prompt, pb});
+  ASSERT_EQ(x.size(), size_t(T + Tb) * V);
+  EXPECT_EQ(bit_diffs(x, y), 0u) << policy << ": prompts";
+  EXPECT_LT(max_row_rel_err(x.data(), cpu_logits.data(), T, V), 1e-4) << policy << ": prompt a";
+  EXPECT_LT(max_row_rel_err(x.data() + size_t(T) * V, cpu_logits.data(), Tb, V), 1e-4) << policy << ": prompt b";
+  for (int j = 0; j < 6; ++j) {
+    const std::vector<std::vector<int>> toks{{ref.greedy[size_t(j)]}, {ref.prompt[size_t(Tb + j)]}};
+    x = on.forward({&ao, &bo}, toks, true);
+    y = off.forward({&af, &bf}, toks, true);
+    ASSERT_EQ(x.size(), size_t(2) * V);
+    EXPECT_EQ(bit_diffs(x, y), 0u) << policy << ": step " << j;
+    EXPECT_LT(max_row_rel_err(x.data(), cpu_logits.data() + size_t(T + j) * V, 1, V), 1e-4)
+        << policy << ": step " << j << ", sequence a";
+    EXPECT_LT(max_row_rel_err(x.data() + V, cpu_logits.data() + size_t(Tb + j) * V, 1, V), 1e-4)
+        << policy << ": step " << j << ", sequence b";
+  }
+  check_stats(on, off);
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, CudaPrefetch,
+                         ::testing::Combine(::testing::ValuesIn(kFixtures), ::testing::Values("lru", "lfu")),
                          [](const auto& info) {
                            return std::string(std::get<0>(info.param).name) + "_" + std::get<1>(info.param);
                          });

@@ -1,6 +1,7 @@
 // Hot-expert cache bookkeeping (engine/expert_cache.h): LRU and decayed-LFU eviction worked by
-// hand, pins that never leave, the static policy, placement from a routing profile, and hit
-// rates on a skewed routing stream against what uniform routing would give.
+// hand, pins that never leave, the static policy, placement from a routing profile, hit rates
+// on a skewed routing stream against what uniform routing would give, and prefetch batches
+// (no counts, holds within a batch, first use flagged, mispredictions retired first).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -132,6 +133,94 @@ TEST(ExpertCache, StepProtectsItsSlots) {
   d.access(0, 1);
   d.access(0, 2);
   EXPECT_EQ(d.access(0, 3).slot, 0);
+}
+
+// A prefetch places an expert without counting a hit or a miss; the step's first use of it is a
+// hit flagged prefetched, later uses are plain hits.
+TEST(ExpertCache, PrefetchCountsNothingAndFlagsTheFirstUse) {
+  ExpertCache c(2, Policy::Lru);
+  c.begin_prefetch();
+  auto p = c.prefetch(0, 5);
+  EXPECT_EQ(p.slot, 0);
+  EXPECT_FALSE(p.hit);
+  auto q = c.prefetch(0, 5);  // already there
+  EXPECT_TRUE(q.hit);
+  EXPECT_EQ(q.slot, 0);
+  EXPECT_EQ(c.hits() + c.misses(), 0u);
+  EXPECT_TRUE(c.per_layer().empty());
+  c.begin_step();
+  auto a = c.access(0, 5);
+  EXPECT_TRUE(a.hit);
+  EXPECT_TRUE(a.prefetched);
+  auto b = c.access(0, 5);
+  EXPECT_TRUE(b.hit);
+  EXPECT_FALSE(b.prefetched);
+  EXPECT_EQ(c.hits(), 2u);
+  EXPECT_EQ(c.misses(), 0u);
+  EXPECT_EQ(c.retire_prefetches(), 0);  // used: nothing to retire
+}
+
+// A batch never evicts what it prefetched or found (held), nor a pinned expert; a step ends the
+// holds, and retire_prefetches makes the unused prediction the first victim.
+TEST(ExpertCache, PrefetchBatchHoldsItsExpertsAndRetiresMispredictions) {
+  ExpertCache c(2, Policy::Lru);
+  c.access(0, 1);
+  c.access(0, 2);  // 1 is the least recent
+  c.begin_prefetch();
+  EXPECT_TRUE(c.prefetch(0, 1).hit);  // held by the batch
+  auto a = c.prefetch(0, 3);          // evicts 2, not the older but held 1
+  EXPECT_EQ(a.slot, 1);
+  EXPECT_EQ(a.evicted_layer, 0);
+  EXPECT_EQ(a.evicted_expert, 2);
+  EXPECT_EQ(c.prefetch(0, 4).slot, -1);  // 1 and 3 held
+  EXPECT_EQ(c.find(0, 1), 0);
+  EXPECT_EQ(c.find(0, 3), 1);
+  EXPECT_EQ(c.find(0, 4), -1);
+  // The step uses 1, not 3: 3 is retired, so 4 takes 3's slot although 3 came in last.
+  c.begin_step();
+  EXPECT_TRUE(c.access(0, 1).hit);
+  EXPECT_EQ(c.retire_prefetches(), 1);
+  auto d = c.access(0, 4);
+  EXPECT_EQ(d.slot, 1);
+  EXPECT_EQ(d.evicted_expert, 3);
+  EXPECT_EQ(c.retire_prefetches(), 0);
+
+  // A prefetch after a step may evict what the step read: the step is over.
+  ExpertCache e(1, Policy::Lru);
+  e.begin_step();
+  e.access(0, 1);
+  e.begin_prefetch();
+  auto f = e.prefetch(0, 2);
+  EXPECT_EQ(f.slot, 0);
+  EXPECT_EQ(f.evicted_expert, 1);
+
+  // Pinned experts never leave; Static prefetches nothing.
+  ExpertCache g(2, Policy::Lru);
+  g.pin({{0, 7}});
+  g.begin_prefetch();
+  EXPECT_EQ(g.prefetch(0, 1).slot, 1);
+  EXPECT_EQ(g.prefetch(0, 2).slot, -1);
+  EXPECT_EQ(g.find(0, 7), 0);
+  ExpertCache s(2, Policy::Static);
+  s.pin({{0, 1}});
+  s.begin_prefetch();
+  EXPECT_EQ(s.prefetch(0, 2).slot, -1);
+  EXPECT_TRUE(s.prefetch(0, 1).hit);
+}
+
+// LFU: a prefetch is admitted only as hot as its victim, and bumps no count.
+TEST(ExpertCache, LfuPrefetchAdmitsByCountWithoutCounting) {
+  ExpertCache c(1, Policy::Lfu, 1.0);
+  c.access(0, 1);
+  c.access(0, 1);  // count 2
+  c.access(0, 2);  // count 1: not admitted
+  c.begin_prefetch();
+  EXPECT_EQ(c.prefetch(0, 2).slot, -1);
+  EXPECT_EQ(c.prefetch(0, 2).slot, -1);  // still 1: the prefetches did not count
+  c.begin_step();
+  EXPECT_EQ(c.access(0, 2).slot, 0);  // count 2 == 2: admitted
+  EXPECT_EQ(c.find(0, 1), -1);
+  EXPECT_THROW(c.prefetch(-1, 0), Error);
 }
 
 TEST(ExpertCache, RejectsBadInput) {

@@ -4,6 +4,8 @@
 // node of each host expert (expert_nodes) on faked multi-node machines.
 #include <gtest/gtest.h>
 
+#include <random>
+#include <string>
 #include <vector>
 
 #include "engine/expert_schedule.h"
@@ -126,6 +128,135 @@ TEST(ExpertSchedule, LfuKeepsTheFrequentExpert) {
   std::vector<int> b{1};
   expect_uses(s.plan(b.data(), 1, true), {{1, P::Transient, 1, 1}});  // colder than 0: not admitted
   expect_uses(s.plan(a.data(), 1, true), {{0, P::CacheHit, 0, 1}});
+}
+
+// Prefetch: predicted Stream / Mixed experts take cache slots most-picked first (Gpu and Cpu ones
+// are skipped); the step finds them as hits (one prefetch hit each), and its fills evict the
+// mispredicted ones first.
+TEST(ExpertSchedule, PrefetchFillsTheNextStepsHits) {
+  // Expert 0 resident (slot 0), 1..4 Stream, 5 Cpu, 6 Mixed; cache slots 1, 2; transients from 10.
+  ExpertScheduler s(opts({H::Gpu, H::Stream, H::Stream, H::Stream, H::Stream, H::Cpu, H::Mixed}, 2, 10, 8));
+  const std::vector<int> pred{0, 3, 5, 2, 3, -1};
+  const auto pf = s.prefetch(pred.data(), 6);
+  ASSERT_EQ(pf.size(), 2u);
+  EXPECT_EQ(pf[0].expert, 3);  // two tokens: first
+  EXPECT_EQ(pf[0].slot, 1);
+  EXPECT_EQ(pf[1].expert, 2);
+  EXPECT_EQ(pf[1].slot, 2);
+  EXPECT_EQ(s.stats().prefetches, 2u);
+  EXPECT_DOUBLE_EQ(s.stats().prefetch_bytes, 2000.0);
+  EXPECT_EQ(s.stats().streamed + s.stats().cache_hits + s.stats().cache_misses + s.stats().steps, 0u);
+  // The step picks 3 (predicted) and 4 (not): 4's fill evicts the mispredicted 2.
+  const std::vector<int> a{4, 3};
+  auto st = s.plan(a.data(), 2, true);
+  expect_uses(st, {{3, P::CacheHit, 1, 1}, {4, P::CacheFill, 2, 1}});
+  EXPECT_EQ(st.n_copies, 1);
+  EXPECT_EQ(s.cache().find(3, 2), -1);
+  EXPECT_EQ(s.stats().prefetch_hits, 1u);
+  EXPECT_DOUBLE_EQ(s.stats().cache_hit_rate(), 0.5);
+  EXPECT_DOUBLE_EQ(s.stats().demand_hit_rate(), 0.0);
+  // 3 again: a plain hit.
+  const std::vector<int> b{3};
+  expect_uses(s.plan(b.data(), 1, true), {{3, P::CacheHit, 1, 1}});
+  EXPECT_EQ(s.stats().prefetch_hits, 1u);
+  EXPECT_DOUBLE_EQ(s.stats().demand_hit_rate(), 1.0 / 3.0);
+  EXPECT_EQ(s.stats().streamed, s.stats().cache_misses);
+}
+
+TEST(ExpertSchedule, PrefetchKeepsCachedPredictionsAndNeedsSlots) {
+  // One cache slot holding 2: predicted again, it is held, so 1 (picked more) gets no slot.
+  ExpertScheduler s(opts({H::Stream, H::Stream, H::Stream}, 1, 1, 3));
+  const std::vector<int> a{2};
+  s.plan(a.data(), 1, true);
+  const std::vector<int> pred{1, 2, 1};
+  EXPECT_TRUE(s.prefetch(pred.data(), 3).empty());
+  EXPECT_EQ(s.cache().find(3, 2), 0);
+  EXPECT_EQ(s.stats().prefetches, 0u);
+  const std::vector<int> bad{1, 3};
+  try {
+    s.prefetch(bad.data(), 2);
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("layer 3: routed to expert 3 of 3"), std::string::npos) << e.what();
+  }
+
+  // A prefetched Mixed expert is read in place, not given to the CPU.
+  ExpertScheduler m(opts({H::Mixed, H::Stream}, 1, 1, 2));
+  const std::vector<int> zero{0};
+  const auto pf = m.prefetch(zero.data(), 1);
+  ASSERT_EQ(pf.size(), 1u);
+  EXPECT_EQ(pf[0].slot, 0);
+  expect_uses(m.plan(zero.data(), 1, true), {{0, P::CacheHit, 0, 1}});
+  EXPECT_EQ(m.stats().cpu_experts, 0u);
+  EXPECT_EQ(m.stats().prefetch_hits, 1u);
+
+  // Without cache slots, or under Static, nothing is prefetched.
+  ExpertScheduler n(opts({H::Stream, H::Stream}, 0, 0, 2));
+  EXPECT_TRUE(n.prefetch(zero.data(), 1).empty());
+  ExpertScheduleOptions o = opts({H::Stream, H::Stream}, 1, 1, 2);
+  o.cache_policy = Policy::Static;
+  ExpertScheduler t(o);
+  EXPECT_TRUE(t.prefetch(zero.data(), 1).empty());
+  EXPECT_EQ(t.stats().prefetches, 0u);
+}
+
+// Prefetch then step, over a random stream (guesses right about half the time), both policies:
+// a batch's slots are distinct cache slots that then hold its experts; a guessed expert the
+// step picks is a hit; no two experts of a step share a slot; the counts add up.
+TEST(ExpertSchedule, PrefetchAndStepsStayConsistent) {
+  for (Policy pol : {Policy::Lru, Policy::Lfu}) {
+    std::vector<H> home(16, H::Stream);
+    home[0] = H::Gpu;
+    home[5] = H::Mixed;
+    home[9] = H::Cpu;
+    ExpertScheduleOptions o = opts(home, 5, 6, 16);
+    o.cache_policy = pol;
+    ExpertScheduler s(o);
+    std::mt19937 rng(3);
+    std::discrete_distribution<int> pick({8, 6, 5, 4, 3, 3, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1});
+    uint64_t guessed_used = 0;
+    for (int t = 0; t < 300; ++t) {
+      const int R = 1 + t % 4, S = R * 4;
+      std::vector<int> ids(static_cast<size_t>(S)), guess(static_cast<size_t>(S));
+      for (int i = 0; i < S; ++i) {
+        ids[size_t(i)] = pick(rng);
+        guess[size_t(i)] = rng() % 2 ? ids[size_t(i)] : pick(rng);
+      }
+      const auto pf = s.prefetch(guess.data(), S);
+      std::vector<bool> taken(16, false);
+      for (const auto& x : pf) {
+        ASSERT_GE(x.slot, 1);
+        ASSERT_LT(x.slot, 6);
+        EXPECT_FALSE(taken[size_t(x.slot)]) << "step " << t;
+        taken[size_t(x.slot)] = true;
+        EXPECT_EQ(s.cache().find(3, x.expert), x.slot - 1) << "step " << t;
+        EXPECT_TRUE(home[size_t(x.expert)] == H::Stream || home[size_t(x.expert)] == H::Mixed);
+      }
+      const auto st = s.plan(ids.data(), S, true);
+      std::vector<int> slot_of(16, -1);
+      std::vector<bool> used(32, false);
+      for (const auto& u : st.uses) {
+        slot_of[size_t(u.expert)] = u.slot;
+        if (u.slot < 0) continue;
+        EXPECT_FALSE(used[size_t(u.slot)]) << "step " << t << ": slot " << u.slot << " twice";
+        used[size_t(u.slot)] = true;
+      }
+      for (const auto& x : pf)
+        for (const auto& u : st.uses)
+          if (u.expert == x.expert) {
+            EXPECT_EQ(u.path, P::CacheHit) << "step " << t << ": guessed expert " << x.expert;
+            EXPECT_EQ(u.slot, x.slot);
+            ++guessed_used;
+          }
+      for (int i = 0; i < S; ++i) EXPECT_EQ(st.slot_ids[size_t(i)], slot_of[size_t(ids[size_t(i)])]);
+    }
+    const auto& x = s.stats();
+    EXPECT_EQ(x.prefetch_hits, guessed_used);
+    EXPECT_LE(x.prefetch_hits, x.prefetches);
+    EXPECT_GT(x.prefetches, 0u);
+    EXPECT_EQ(x.streamed, x.cache_misses);
+    EXPECT_LE(x.demand_hit_rate(), x.cache_hit_rate());
+  }
 }
 
 TEST(ExpertSchedule, StaticPolicyStreamsEveryMiss) {

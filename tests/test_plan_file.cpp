@@ -310,6 +310,51 @@ TEST(PlanFile, SchemaErrorsNameTheField) {
   expect_error([&] { load_plan_file("/nonexistent/plan.json"); }, {"/nonexistent/plan.json", "cannot be opened"});
 }
 
+// The optional expert_cache block: read when present, absent keys stay unset, every mistake
+// names the field.
+TEST(PlanFile, ExpertCacheBlock) {
+  auto parse = [](const json& j) { return plan_file_from_json(j, "plan.json"); };
+  json j = tiny_file();
+  EnginePlan p = parse(j);
+  EXPECT_FALSE(p.cache_slots);
+  EXPECT_FALSE(p.cache_policy);
+  EXPECT_FALSE(p.prefetch);
+  EXPECT_THAT(p.summary(), ::testing::Not(HasSubstr("expert cache")));
+
+  j["expert_cache"] = {{"slots", 8}, {"policy", "lfu"}, {"prefetch", false}};
+  p = parse(j);
+  ASSERT_TRUE(p.cache_slots && p.cache_policy && p.prefetch);
+  EXPECT_EQ(*p.cache_slots, 8);
+  EXPECT_EQ(*p.cache_policy, "lfu");
+  EXPECT_FALSE(*p.prefetch);
+  EXPECT_THAT(p.summary(), HasSubstr("48 stream, 0 mixed; expert cache: 8 slots, lfu, prefetch off"));
+  j["expert_cache"] = {{"prefetch", true}};
+  p = parse(j);
+  EXPECT_FALSE(p.cache_slots);
+  EXPECT_FALSE(p.cache_policy);
+  ASSERT_TRUE(p.prefetch);
+  EXPECT_TRUE(*p.prefetch);
+  EXPECT_THAT(p.summary(), HasSubstr("; expert cache: prefetch on"));
+  j["expert_cache"] = json::object();
+  EXPECT_FALSE(parse(j).prefetch);
+
+  json v = j;
+  v["expert_cache"] = 3;
+  expect_error([&] { parse(v); }, {"plan.json", "'expert_cache' is number, expected an object"});
+  v["expert_cache"] = {{"prefetch", "yes"}};
+  expect_error([&] { parse(v); }, {"plan.json", "'expert_cache.prefetch' is \"yes\", expected true or false"});
+  v["expert_cache"] = {{"prefetch", 1}};
+  expect_error([&] { parse(v); }, {"plan.json", "'expert_cache.prefetch' is 1, expected true or false"});
+  v["expert_cache"] = {{"slots", -1}};
+  expect_error([&] { parse(v); }, {"plan.json", "expert_cache.slots = -1", "slot count >= 0"});
+  v["expert_cache"] = {{"slots", 2.5}};
+  expect_error([&] { parse(v); }, {"plan.json", "'expert_cache.slots'", "expected an integer"});
+  v["expert_cache"] = {{"policy", "mru"}};
+  expect_error([&] { parse(v); }, {"plan.json", "expert_cache.policy = \"mru\"", "unknown policy"});
+  v["expert_cache"] = {{"prefech", true}};
+  expect_error([&] { parse(v); }, {"plan.json", "'expert_cache.prefech': unknown field"});
+}
+
 TEST(PlanFile, UnsupportedPlansAreRefused) {
   const ModelConfig c = glm5_tiny();
   auto check = [&](const json& j) { check_plan_against(plan_file_from_json(j, "plan.json"), c); };
@@ -517,6 +562,26 @@ TEST(PlanFileCli, TextCommandsReadThePlan) {
   out = s.run(complete + " --expert-cache-slots 4", &rc);
   EXPECT_EQ(rc, 1) << out;
   EXPECT_THAT(out, HasSubstr("--expert-cache-slots applies to the GPU engine"));
+  out = s.run(complete + " --expert-prefetch off", &rc);
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_THAT(out, HasSubstr("--expert-prefetch applies to the GPU engine"));
+  out = s.run(complete + " --placement experts-streamed --expert-cache-slots 4 --expert-prefetch off", &rc);
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_THAT(out, HasSubstr("no tokenizer"));
+  out = s.run(complete + " --gpu --expert-prefetch maybe", &rc);
+  EXPECT_NE(rc, 0) << out;
+  EXPECT_THAT(out, HasSubstr("maybe"));
+  // A plan's expert_cache shows in the load line.
+  {
+    json j;
+    std::ifstream(f) >> j;
+    j["expert_cache"] = {{"slots", 4}, {"prefetch", false}};
+    const std::string fc = (s.dir / "cached.json").string();
+    std::ofstream(fc) << j.dump();
+    out = s.run(complete + " --plan " + fc, &rc);
+    EXPECT_EQ(rc, 1) << out;
+    EXPECT_THAT(out, HasSubstr("48 mixed; expert cache: 4 slots, prefetch off"));
+  }
 
   out = s.run(complete + " --plan " + f + " --placement mixed", &rc);
   EXPECT_NE(rc, 0) << out;

@@ -30,8 +30,15 @@ struct TextCommands::Opts {
   int gpu_ctx = 0;  // 0: the plan's context, else 8192
   std::string plan, placement;
   int cache_slots = 0, cpu_threads = 0;
-  std::string cache_policy = "lru";
-  std::vector<CLI::Option*> engine_opts;  // meaningful only with the GPU engine
+  std::string cache_policy = "lru", prefetch = "on";
+  std::vector<CLI::Option*> engine_opts;  // meaningful only with the GPU engine (every subcommand's)
+  // Whether the subcommand run got engine option `name` (the runtime cache flags, when given,
+  // win over the plan file's expert_cache).
+  bool given(const std::string& name) const {
+    for (const CLI::Option* opt : engine_opts)
+      if (opt->get_name() == name && opt->count()) return true;
+    return false;
+  }
   SamplerConfig sampler;
 };
 
@@ -63,12 +70,18 @@ TextCommands::TextCommands(CLI::App& app) : o_(std::make_unique<Opts>()) {
                   "without a plan file, every routed expert in one place; implies --gpu")
         ->check(CLI::IsMember({"all-gpu", "experts-cpu", "experts-streamed", "mixed"}))
         ->excludes(plan);
-    o.engine_opts.push_back(
-        a->add_option("--expert-cache-slots", o.cache_slots,
-                      "GPU slots per MoE layer that keep streamed experts after use (0: copy on every use)")
-            ->check(CLI::NonNegativeNumber));
-    o.engine_opts.push_back(a->add_option("--cache-policy", o.cache_policy, "which streamed experts the slots keep: lru | lfu")
+    o.engine_opts.push_back(a->add_option("--expert-cache-slots", o.cache_slots,
+                                          "GPU slots per MoE layer that keep streamed experts after use (0: copy on "
+                                          "every use; default: the plan's expert_cache.slots, else 0)")
+                                ->check(CLI::NonNegativeNumber));
+    o.engine_opts.push_back(a->add_option("--cache-policy", o.cache_policy,
+                                          "which streamed experts the slots keep: lru | lfu (default: the plan's, "
+                                          "else lru)")
                                 ->check(CLI::IsMember({"lru", "lfu"})));
+    o.engine_opts.push_back(a->add_option("--expert-prefetch", o.prefetch,
+                                          "copy the experts the next layer is predicted to pick into its cache slots "
+                                          "ahead of time: on | off (default: the plan's, else on; needs cache slots)")
+                                ->check(CLI::IsMember({"on", "off"})));
     o.engine_opts.push_back(a->add_option("--cpu-threads", o.cpu_threads,
                                           "threads of the CPU expert kernels (0: all cores)")
                                 ->check(CLI::NonNegativeNumber));
@@ -143,8 +156,9 @@ int TextCommands::run() {
       go.experts = plan::expert_placement(*ep);
       go.device = ep->gpus[0];
     }
-    go.experts.cache_slots = o.cache_slots;
-    go.experts.cache_policy = o.cache_policy;
+    if (o.given("--expert-cache-slots")) go.experts.cache_slots = o.cache_slots;
+    if (o.given("--cache-policy")) go.experts.cache_policy = o.cache_policy;
+    if (o.given("--expert-prefetch")) go.experts.prefetch = o.prefetch == "on";
     go.experts.cpu_threads = o.cpu_threads;
     m.lm = cuda::make_cuda_language_model(std::move(glm), go);
 #else

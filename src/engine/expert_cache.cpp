@@ -31,7 +31,11 @@ void ExpertCache::pin(const std::vector<std::pair<int, int>>& le) {
     if (where_.count({layer, expert})) fail("expert cache: layer {} expert {} is pinned twice", layer, expert);
     int s = 0;
     while (slots_[size_t(s)].layer >= 0) ++s;
-    slots_[size_t(s)] = Slot{layer, expert, true, 0, 0};
+    Slot& x = slots_[size_t(s)];
+    x = Slot{};
+    x.layer = layer;
+    x.expert = expert;
+    x.pinned = true;
     where_[{layer, expert}] = s;
   }
 }
@@ -62,6 +66,7 @@ int ExpertCache::victim() const {
     if (x.pinned) continue;
     if (x.layer < 0) return s;  // a free slot first
     if (x.last_use >= step_start_) continue;  // read by this step
+    if (batch_ && x.held == batch_) continue;  // prefetched or found by this batch
     if (best < 0) {
       best = s;
       continue;
@@ -94,19 +99,28 @@ ExpertCache::Access ExpertCache::access(int layer, int expert) {
   auto& pl = per_layer_[layer];
   const int s = find(layer, expert);
   if (s >= 0) {
+    Slot& x = slots_[size_t(s)];
     a.slot = s;
     a.hit = true;
+    a.prefetched = x.prefetched;
     ++hits_;
     ++pl.first;
-    slots_[size_t(s)].last_use = clock_;
-    slots_[size_t(s)].freq = f;
+    x.last_use = clock_;
+    x.freq = f;
+    x.prefetched = false;
     return a;
   }
   ++misses_;
   ++pl.second;
+  return claim(layer, expert, f, false);
+}
+
+// A slot for (layer, expert), not in the cache: the victim under the policy, or none.
+ExpertCache::Access ExpertCache::claim(int layer, int expert, double f, bool prefetched) {
+  Access a;
   if (policy_ == Policy::Static) return a;
   const int v = victim();
-  if (v < 0) return a;  // every slot pinned
+  if (v < 0) return a;  // every slot pinned, read by this step or held by this batch
   Slot& x = slots_[size_t(v)];
   // LFU admits a newcomer only when it is at least as hot as what it would replace.
   if (policy_ == Policy::Lfu && x.layer >= 0 && f < x.freq) return a;
@@ -115,10 +129,45 @@ ExpertCache::Access ExpertCache::access(int layer, int expert) {
     a.evicted_expert = x.expert;
     where_.erase({x.layer, x.expert});
   }
-  x = Slot{layer, expert, false, clock_, f};
-  where_[key] = v;
+  x = Slot{};
+  x.layer = layer;
+  x.expert = expert;
+  x.prefetched = prefetched;
+  x.last_use = clock_;
+  x.held = prefetched ? batch_ : 0;
+  x.freq = f;
+  where_[{layer, expert}] = v;
   a.slot = v;
   return a;
+}
+
+ExpertCache::Access ExpertCache::prefetch(int layer, int expert) {
+  if (layer < 0 || expert < 0) fail("expert cache: bad expert (layer {}, expert {})", layer, expert);
+  const int s = find(layer, expert);
+  if (s >= 0) {
+    slots_[size_t(s)].held = batch_;
+    Access a;
+    a.slot = s;
+    a.hit = true;
+    return a;
+  }
+  double f = 0;
+  if (policy_ == Policy::Lfu) {
+    auto it = freq_.find({layer, expert});
+    if (it != freq_.end()) f = it->second;
+  }
+  return claim(layer, expert, f, true);
+}
+
+int ExpertCache::retire_prefetches() {
+  int n = 0;
+  for (Slot& x : slots_) {
+    if (!x.prefetched) continue;
+    x.prefetched = false;
+    x.last_use = 0;
+    ++n;
+  }
+  return n;
 }
 
 }  // namespace bigmoe

@@ -82,15 +82,21 @@ ExpertScheduler::ExpertScheduler(ExpertScheduleOptions o)
          o_.transient_base, n_resident_, o_.cache_slots);
 }
 
-ExpertScheduler::Step ExpertScheduler::plan(const int* ids, int S, bool fill) {
+std::vector<int> ExpertScheduler::count_ids(const int* ids, int S) const {
   const int E = n_experts();
-  Step st;
-  st.slot_ids.assign(size_t(std::max(S, 0)), -1);
   std::vector<int> count(size_t(E), 0);
   for (int s = 0; s < S; ++s) {
     if (ids[s] >= E) fail("expert schedule: layer {}: routed to expert {} of {}", o_.layer, ids[s], E);
     if (ids[s] >= 0) ++count[size_t(ids[s])];
   }
+  return count;
+}
+
+ExpertScheduler::Step ExpertScheduler::plan(const int* ids, int S, bool fill) {
+  const int E = n_experts();
+  Step st;
+  st.slot_ids.assign(size_t(std::max(S, 0)), -1);
+  const std::vector<int> count = count_ids(ids, S);
   if (fill) cache_.begin_step();
   ++stats_.steps;
 
@@ -135,7 +141,9 @@ ExpertScheduler::Step ExpertScheduler::plan(const int* ids, int S, bool fill) {
     }
   }
   int n_trans = 0;
-  for (const std::vector<int>* list : {&streamed_hot, &streamed_cold})
+  for (const std::vector<int>* list : {&streamed_hot, &streamed_cold}) {
+    // After the hits, predicted experts this step did not use become the first to be evicted.
+    if (fill && list == &streamed_cold) cache_.retire_prefetches();
     for (int e : *list) {
       Use& u = use[size_t(e)];
       int c = -1;
@@ -144,6 +152,7 @@ ExpertScheduler::Step ExpertScheduler::plan(const int* ids, int S, bool fill) {
         ExpertCache::Access a = cache_.access(o_.layer, e);
         c = a.slot;
         hit = a.hit;
+        stats_.prefetch_hits += a.prefetched;
       } else {
         c = cache_.find(o_.layer, e);
         hit = c >= 0;
@@ -171,6 +180,7 @@ ExpertScheduler::Step ExpertScheduler::plan(const int* ids, int S, bool fill) {
       ++n_trans;
       u.slot = o_.transient_base + t;
     }
+  }
   for (int e = 0; e < E; ++e)
     if (count[size_t(e)]) st.uses.push_back(use[size_t(e)]);
 
@@ -178,6 +188,32 @@ ExpertScheduler::Step ExpertScheduler::plan(const int* ids, int S, bool fill) {
   for (int s = 0; s < S; ++s)
     if (ids[s] >= 0) st.slot_ids[size_t(s)] = use[size_t(ids[s])].slot;
   return st;
+}
+
+std::vector<ExpertScheduler::Prefetch> ExpertScheduler::prefetch(const int* ids, int S) {
+  const int E = n_experts();
+  const std::vector<int> count = count_ids(ids, S);
+  std::vector<Prefetch> out;
+  if (o_.cache_slots == 0) return out;
+  cache_.begin_prefetch();
+  std::vector<int> cold;
+  for (int e = 0; e < E; ++e) {
+    const ExpertHome h = o_.home[size_t(e)];
+    if (!count[size_t(e)] || (h != ExpertHome::Stream && h != ExpertHome::Mixed)) continue;
+    if (cache_.find(o_.layer, e) >= 0)
+      cache_.prefetch(o_.layer, e);  // held: no prefetch of this batch evicts it
+    else
+      cold.push_back(e);
+  }
+  std::stable_sort(cold.begin(), cold.end(), [&](int a, int b) { return count[size_t(a)] > count[size_t(b)]; });
+  for (int e : cold) {
+    const ExpertCache::Access a = cache_.prefetch(o_.layer, e);
+    if (a.slot < 0) continue;
+    out.push_back({e, n_resident_ + a.slot});
+    ++stats_.prefetches;
+    stats_.prefetch_bytes += double(o_.expert_bytes);
+  }
+  return out;
 }
 
 }  // namespace bigmoe

@@ -23,6 +23,11 @@
 //    gets the experts with the fewest tokens: its cost grows with tokens, a copy's does not.
 // Distinct experts are visited in ascending id, so a step's plan depends only on the ids and
 // the cache state.
+//
+// Prefetch (decode; docs/offload.md, "Prefetch"): before a step, prefetch() takes the router's
+// predicted choice and places the predicted Stream / Mixed experts in cache slots ahead of
+// time, most-picked first; the executor copies them in. The step then finds them as hits.
+// Predicted experts it does not use are the first its fills evict.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -77,9 +82,16 @@ struct ExpertScheduleStats {
   uint64_t cache_fills = 0;    // misses that took a cache slot
   uint64_t streamed = 0;       // experts copied host -> GPU
   uint64_t cpu_experts = 0;    // experts computed by the CPU
-  double streamed_bytes = 0, cpu_bytes = 0;
+  uint64_t prefetches = 0;     // experts copied host -> GPU ahead of their step (not in streamed)
+  uint64_t prefetch_hits = 0;  // cache hits that were a prefetched expert's first use (useful)
+  double streamed_bytes = 0, cpu_bytes = 0, prefetch_bytes = 0;
   double cache_hit_rate() const {
     return cache_hits + cache_misses ? double(cache_hits) / double(cache_hits + cache_misses) : 0.0;
+  }
+  // The hit rate with a prefetched expert's first use counted as a miss: the hits the cache
+  // kept from earlier steps.
+  double demand_hit_rate() const {
+    return cache_hits + cache_misses ? double(cache_hits - prefetch_hits) / double(cache_hits + cache_misses) : 0.0;
   }
 };
 
@@ -111,6 +123,18 @@ class ExpertScheduler {
   // Throws on an id >= E.
   Step plan(const int* ids, int S, bool fill);
 
+  struct Prefetch {
+    int expert = -1;
+    int slot = -1;  // cache slot (relative to the layer's slot 0) the executor copies it into
+  };
+  // Before a decode step: ids [S] the predicted choice (negative: no expert). Its Stream and
+  // Mixed experts, already cached ones held first, then the others by predicted tokens
+  // (descending, then ascending id), claim cache slots as a miss would, without evicting one
+  // another or a pinned expert; Gpu and Cpu experts are skipped. Returns the experts to copy,
+  // in that order (none without cache slots, under Static, or when all are cached). The next
+  // plan(fill) counts each one's first use as a hit and a prefetch hit. Throws on an id >= E.
+  std::vector<Prefetch> prefetch(const int* ids, int S);
+
   int n_experts() const { return int(o_.home.size()); }
   int n_resident() const { return n_resident_; }
   int cache_slots() const { return o_.cache_slots; }
@@ -122,6 +146,7 @@ class ExpertScheduler {
   const ExpertCache& cache() const { return cache_; }
 
  private:
+  std::vector<int> count_ids(const int* ids, int S) const;  // [E]: (row, k) slots per expert
   ExpertScheduleOptions o_;
   std::vector<int> resident_slot_;
   int n_resident_ = 0;

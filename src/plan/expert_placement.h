@@ -22,9 +22,10 @@ inline cuda::ExpertHome expert_home(Place p) {
 }
 
 // Homes of the main layers' experts (the MTP layer is not run per token), their NUMA nodes (a
-// host place's node, -1 for "cpu:*" spread and for GPU experts) and the plan's mixed split; the
-// runtime knobs (cache_slots, cache_policy, cpu_threads) are left at their defaults for the
-// caller to set. `p` must have passed check_plan_against.
+// host place's node, -1 for "cpu:*" spread and for GPU experts), the plan's mixed split, and
+// the runtime cache its expert_cache block gives (cache_slots, cache_policy, prefetch; the
+// defaults where it gives none). cpu_threads and any command-line cache flag are the caller's
+// to set. `p` must have passed check_plan_against.
 inline cuda::ExpertPlacement expert_placement(const EnginePlan& p) {
   cuda::ExpertPlacement x;
   x.home.resize(size_t(p.n_layers));
@@ -35,6 +36,9 @@ inline cuda::ExpertPlacement expert_placement(const EnginePlan& p) {
       x.node[size_t(l)].push_back(e.place == Place::Gpu ? -1 : e.dev);
     }
   if (double f = p.mixed_fraction(); f >= 0) x.mixed_cpu_fraction = f;
+  if (p.cache_slots) x.cache_slots = *p.cache_slots;
+  if (p.cache_policy) x.cache_policy = *p.cache_policy;
+  if (p.prefetch) x.prefetch = *p.prefetch;
   return x;
 }
 

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdint>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -198,6 +199,30 @@ EnginePlan plan_file_from_json(const json& j, const std::string& source) {
     }
     p.expert_tensors.push_back(name);
   }
+
+  // The runtime cache (optional): a misspelt key is an error rather than a silent default.
+  if (j.contains("expert_cache")) {
+    const json& ec = j.at("expert_cache");
+    if (!ec.is_object()) fail("{}: 'expert_cache' is {}, expected an object", source, ec.type_name());
+    for (const auto& [key, v] : ec.items()) {
+      const std::string path = "expert_cache." + key;
+      if (key == "slots") {
+        const int64_t n = r.integer(v, path);
+        if (n < 0 || n > INT32_MAX) fail("{}: {} = {}: expected a slot count >= 0", source, path, n);
+        p.cache_slots = int(n);
+      } else if (key == "policy") {
+        std::string pol = r.str(v, path);
+        if (pol != "lru" && pol != "lfu" && pol != "static")
+          fail("{}: {} = \"{}\": unknown policy (expected lru, lfu or static)", source, path, pol);
+        p.cache_policy = std::move(pol);
+      } else if (key == "prefetch") {
+        if (!v.is_boolean()) fail("{}: '{}' is {}, expected true or false", source, path, v.dump());
+        p.prefetch = v.get<bool>();
+      } else {
+        fail("{}: '{}': unknown field (expert_cache takes slots, policy and prefetch)", source, path);
+      }
+    }
+  }
   return p;
 }
 
@@ -314,8 +339,13 @@ std::string EnginePlan::summary() const {
   std::string pred = decode_tps_b1 >= 0 ? fmt::format("{:.2f} tok/s predicted at batch 1", decode_tps_b1)
                                         : std::string("no prediction");
   std::string fit = fits ? "" : fmt::format(" (does not fit: {})", reason);
-  return fmt::format("layout {} ({}): {}{}; experts: {} gpu, {} cpu, {} stream, {} mixed", layout, source, pred, fit,
-                     count(Place::Gpu), count(Place::Cpu), count(Place::Stream), count(Place::Mixed));
+  std::string cache;
+  if (cache_slots) cache += fmt::format(", {} slots", *cache_slots);
+  if (cache_policy) cache += ", " + *cache_policy;
+  if (prefetch) cache += *prefetch ? ", prefetch on" : ", prefetch off";
+  if (!cache.empty()) cache = "; expert cache: " + cache.substr(2);
+  return fmt::format("layout {} ({}): {}{}; experts: {} gpu, {} cpu, {} stream, {} mixed{}", layout, source, pred, fit,
+                     count(Place::Gpu), count(Place::Cpu), count(Place::Stream), count(Place::Mixed), cache);
 }
 
 EnginePlan placement_plan(const ModelConfig& c, const std::string& layout) {

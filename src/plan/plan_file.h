@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <nlohmann/json_fwd.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,12 @@ struct EnginePlan {
   int64_t max_context = 0;
   bool fits = true;
   std::string reason;  // why it does not fit (a layout written with `plan --layout --force`)
+  // "expert_cache" (optional, every key optional): the executor's runtime cache for this plan
+  // (cuda::ExpertPlacement cache_slots, cache_policy, prefetch). `bigmoe plan` does not write
+  // it; a command-line flag wins over it, and a key left out keeps the engine's default.
+  std::optional<int> cache_slots;           // expert_cache.slots: GPU slots per MoE layer, >= 0
+  std::optional<std::string> cache_policy;  // expert_cache.policy: "lru" | "lfu" | "static"
+  std::optional<bool> prefetch;             // expert_cache.prefetch: true | false
 
   // Routed experts of the main layers in each place (the MTP layer is not run per token).
   int count(Place p) const;
@@ -51,11 +58,13 @@ struct EnginePlan {
   // mixed experts live on (their mean when they live on several); -1 when the file has none.
   double mixed_fraction() const;
   // "layout mixed (plan.json): 31.09 tok/s predicted at batch 1; experts: 24 gpu, 0 cpu, ..."
+  // (+ "; expert cache: 64 slots, lru, prefetch on" for the keys the file gives)
   std::string summary() const;
 };
 
 // Parses a `bigmoe_plan: 1` document: the schema version, the fields the engine reads, every
-// place string, and that the three projections of each expert agree. Errors name `source` and
+// place string, that the three projections of each expert agree, and the optional
+// expert_cache block (known keys only, each of its type and range). Errors name `source` and
 // the field (`plan.json: experts[3].places[17] = "disk:0": unknown place ...`).
 EnginePlan plan_file_from_json(const nlohmann::json& j, const std::string& source);
 EnginePlan load_plan_file(const std::filesystem::path& file);

@@ -82,6 +82,17 @@ ExpertOffload::ExpertOffload(const ModelConfig& c, const ExpertPlacement& p, int
 
 ExpertOffload::~ExpertOffload() {
   runner_.reset();
+  if (copy_stream_) {
+    // Mispredicted prefetches nobody waited on may still be copying (into the pools GlmDsaCuda
+    // frees after this).
+    cudaStreamSynchronize(copy_stream_);
+    for (Layer& L : layers_) {
+      for (cudaEvent_t e : L.ready) cudaEventDestroy(e);
+      if (L.read_done) cudaEventDestroy(L.read_done);
+    }
+    if (demand_done_) cudaEventDestroy(demand_done_);
+    cudaStreamDestroy(copy_stream_);
+  }
   for (const Pinned& q : pinned_) {
     if (!q.bytes) {
       cudaFreeHost(q.p);
@@ -294,11 +305,30 @@ void ExpertOffload::place(bool progress) {
     L.use_of.assign(size_t(E), -1);
   }
 
+  // Prefetch: each host layer's decode steps predict the next host layer's choice and copy its
+  // missing experts in ahead, where that layer has cache slots a policy fills (not static).
+  const bool fills = ExpertCache::parse_policy(p_.cache_policy) != ExpertCache::Policy::Static;
+  for (size_t i = 0; i + 1 < layers_.size(); ++i) {
+    Layer& T = layers_[i + 1];
+    if (!p_.prefetch || !fills || T.n_cache == 0) continue;
+    layers_[i].prefetch_to = int(i + 1);
+    if (!copy_stream_) {
+      check(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking), "cudaStreamCreate (prefetch)");
+      check(cudaEventCreateWithFlags(&demand_done_, cudaEventDisableTiming), "cudaEventCreate (prefetch)");
+    }
+    T.ready.assign(size_t(T.n_cache), nullptr);
+    T.pending.assign(size_t(T.n_cache), 0);
+    for (cudaEvent_t& e : T.ready)
+      check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate (prefetch)");
+    check(cudaEventCreateWithFlags(&T.read_done, cudaEventDisableTiming), "cudaEventCreate (prefetch)");
+  }
+
   const size_t S = size_t(max_rows_) * size_t(K), D = size_t(max_rows_) * size_t(d);
   host_ids_ = static_cast<int*>(pinned(S * 4, "router ids (host)"));
   host_rw_ = static_cast<float*>(pinned(S * 4, "router weights (host)"));
   host_slot_ = static_cast<int*>(pinned(S * 4, "expert slot ids (host)"));
   host_rows_ = static_cast<int*>(pinned(2 * S * 4, "expert rows (host)"));
+  if (copy_stream_) host_pred_ = static_cast<int*>(pinned(S * 4, "predicted router ids (host)"));
   dev_slot_ = static_cast<int*>(alloc_(S * 4, "expert slot ids"));
   if (any_cpu_) {
     host_h_ = static_cast<float*>(pinned(D * 4, "expert inputs (host)"));
@@ -317,9 +347,16 @@ const DevExperts& ExpertOffload::experts(int layer, int proj) const { return get
 
 int ExpertOffload::n_gpu(int layer) const { return get(layer).n_res; }
 
-// The router's choice (and the CPU experts' input) to the host. The sync also guarantees that
-// every earlier copy out of the per-step host buffers has finished before they are rewritten.
-void ExpertOffload::fetch(Layer& L, const int* ids, const float* route_w, const float* h, int R) {
+int ExpertOffload::prefetch_target(int layer) const {
+  const Layer& L = get(layer);
+  return L.prefetch_to >= 0 ? layers_[size_t(L.prefetch_to)].layer : -1;
+}
+
+// The router's choice (and the CPU experts' input, and the next layer's predicted choice) to the
+// host. The sync also guarantees that every earlier copy out of the per-step host buffers has
+// finished before they are rewritten, and every kernel enqueued before it, of any layer, too.
+void ExpertOffload::fetch(Layer& L, const int* ids, const float* route_w, const float* h, int R,
+                          const int* next_ids) {
   BIGMOE_CHECK(R >= 1 && R <= max_rows_, "expert offload: {} rows (max {})", R, max_rows_);
   t0_ = std::chrono::steady_clock::now();
   const size_t S = size_t(R) * size_t(c_.num_experts_per_tok);
@@ -328,6 +365,9 @@ void ExpertOffload::fetch(Layer& L, const int* ids, const float* route_w, const 
   if (L.n_cpu)
     check(cudaMemcpyAsync(host_h_, h, size_t(R) * c_.hidden_size * 4, cudaMemcpyDeviceToHost, stream_),
           "cudaMemcpyAsync (expert inputs)");
+  if (next_ids)
+    check(cudaMemcpyAsync(host_pred_, next_ids, S * 4, cudaMemcpyDeviceToHost, stream_),
+          "cudaMemcpyAsync (predicted ids)");
   check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (router)");
 }
 
@@ -359,8 +399,9 @@ void ExpertOffload::plan(Layer& L, int R, bool fill) {
 }
 
 // Expert `expert`'s placed bytes from the pinned store into slot `slot` (relative to the
-// layer's slot 0), on the stream: ordered after every kernel that read the slot before.
-void ExpertOffload::copy(const Layer& L, int expert, int slot) {
+// layer's slot 0), on `stream`. On stream_ it is ordered after every kernel that read the slot
+// before; on copy_stream_ prefetch() orders it.
+void ExpertOffload::copy(const Layer& L, int expert, int slot, CUstream_st* stream) {
   const Group& g = groups_[size_t(L.group)];
   const int i = L.host_index[size_t(expert)];
   BIGMOE_CHECK(i >= 0, "expert offload: layer {} expert {} has no host copy to stream", L.layer, expert);
@@ -369,32 +410,70 @@ void ExpertOffload::copy(const Layer& L, int expert, int slot) {
   for (int p = 0; p < 3; ++p) {
     const ExpertLayout& l = L.lay[size_t(p)];
     check(cudaMemcpyAsync(g.w[size_t(p)] + at * l.stride(), st.w[size_t(p)] + size_t(i) * l.stride(), l.wbytes,
-                          cudaMemcpyHostToDevice, stream_),
+                          cudaMemcpyHostToDevice, stream),
           "cudaMemcpyAsync (streamed expert)");
     if (l.scales)
       check(cudaMemcpyAsync(g.s[size_t(p)] + at * l.scales, st.s[size_t(p)] + size_t(i) * l.scales, l.scales * 4,
-                            cudaMemcpyHostToDevice, stream_),
+                            cudaMemcpyHostToDevice, stream),
             "cudaMemcpyAsync (streamed expert scales)");
   }
 }
 
-const int* ExpertOffload::decode_begin(int layer, const int* ids, const float* route_w, const float* h, int R) {
+// Before a step's copies and kernels touch its cache slots: the stream waits for the prefetch
+// copies into the slots it reads (hits) or refills (fills, possibly evicting a mispredicted
+// prefetch whose copy may still run). Slots it does not touch keep their pending copies.
+void ExpertOffload::wait_prefetched(Layer& L) {
+  if (L.pending.empty()) return;
+  for (const ExpertScheduler::Use& u : L.step.uses) {
+    if (u.path != ExpertPath::CacheHit && u.path != ExpertPath::CacheFill) continue;
+    const size_t c = size_t(u.slot - L.n_res);
+    if (!L.pending[c]) continue;
+    check(cudaStreamWaitEvent(stream_, L.ready[c], 0), "cudaStreamWaitEvent (prefetched expert)");
+    L.pending[c] = 0;
+  }
+}
+
+// The predicted choice of target layer T (host_pred_, R rows) -> its missing experts copied into
+// its cache slots on copy_stream_. Enqueued after the current step's own copies on stream_: the
+// link serves the step first, and the prefetch overlaps its kernels and T's attention. T's
+// slots are last read by T's previous step, whose kernels finished before this step's sync;
+// the wait on T.read_done keeps that order explicit.
+void ExpertOffload::prefetch(Layer& T, int R) {
+  const std::vector<ExpertScheduler::Prefetch> list = T.sched->prefetch(host_pred_, R * c_.num_experts_per_tok);
+  if (list.empty()) return;
+  check(cudaEventRecord(demand_done_, stream_), "cudaEventRecord (prefetch)");
+  check(cudaStreamWaitEvent(copy_stream_, demand_done_, 0), "cudaStreamWaitEvent (prefetch)");
+  check(cudaStreamWaitEvent(copy_stream_, T.read_done, 0), "cudaStreamWaitEvent (prefetch)");
+  for (const ExpertScheduler::Prefetch& x : list) {
+    copy(T, x.expert, x.slot, copy_stream_);
+    const size_t c = size_t(x.slot - T.n_res);
+    check(cudaEventRecord(T.ready[c], copy_stream_), "cudaEventRecord (prefetch)");
+    T.pending[c] = 1;
+  }
+}
+
+const int* ExpertOffload::decode_begin(int layer, const int* ids, const float* route_w, const float* h, int R,
+                                       const int* next_ids) {
   Layer& L = get(layer);
   BIGMOE_CHECK(R <= kDecodeRows, "expert offload: a decode step of {} rows", R);
-  fetch(L, ids, route_w, h, R);
+  BIGMOE_CHECK(!next_ids || L.prefetch_to >= 0, "expert offload: layer {} prefetches for no layer", layer);
+  fetch(L, ids, route_w, h, R, next_ids);
   plan(L, R, /*fill=*/true);
+  wait_prefetched(L);
   for (const ExpertScheduler::Use& u : L.step.uses)
-    if (u.path == ExpertPath::CacheFill || u.path == ExpertPath::Transient) copy(L, u.expert, u.slot);
+    if (u.path == ExpertPath::CacheFill || u.path == ExpertPath::Transient) copy(L, u.expert, u.slot, stream_);
   const size_t S = size_t(R) * size_t(c_.num_experts_per_tok);
   std::memcpy(host_slot_, L.step.slot_ids.data(), S * 4);
   check(cudaMemcpyAsync(dev_slot_, host_slot_, S * 4, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync (slot ids)");
+  if (next_ids) prefetch(layers_[size_t(L.prefetch_to)], R);
   return dev_slot_;
 }
 
 const int* ExpertOffload::prefill_begin(int layer, const int* ids, const float* route_w, const float* h, int R) {
   Layer& L = get(layer);
-  fetch(L, ids, route_w, h, R);
+  fetch(L, ids, route_w, h, R, nullptr);
   plan(L, R, /*fill=*/false);
+  wait_prefetched(L);
   return host_ids_;
 }
 
@@ -404,12 +483,14 @@ int ExpertOffload::prefill_stage(int layer, int expert) {
   BIGMOE_CHECK(i >= 0, "expert offload: layer {} expert {} is not in this step", layer, expert);
   const ExpertScheduler::Use& u = L.step.uses[size_t(i)];
   if (u.path == ExpertPath::Cpu) return -1;
-  if (u.path == ExpertPath::CacheFill || u.path == ExpertPath::Transient) copy(L, u.expert, u.slot);
+  if (u.path == ExpertPath::CacheFill || u.path == ExpertPath::Transient) copy(L, u.expert, u.slot, stream_);
   return u.slot;
 }
 
 void ExpertOffload::finish(int layer, float* x, int R) {
   Layer& L = get(layer);
+  // The layer's kernels that read its pool are enqueued: prefetches into it wait for them.
+  if (L.read_done) check(cudaEventRecord(L.read_done, stream_), "cudaEventRecord (expert reads)");
   if (!L.jobs.empty()) {
     // The GPU runs the layer's routed and shared experts meanwhile; the previous upload from
     // host_y_ finished before this layer's fetch returned.
@@ -437,8 +518,11 @@ OffloadStats ExpertOffload::stats() const {
     s.cache_fills += x.cache_fills;
     s.streamed += x.streamed;
     s.cpu_experts += x.cpu_experts;
+    s.prefetches += x.prefetches;
+    s.prefetch_hits += x.prefetch_hits;
     s.streamed_bytes += x.streamed_bytes;
     s.cpu_bytes += x.cpu_bytes;
+    s.prefetch_bytes += x.prefetch_bytes;
     s.layer_cache_hit_rate[size_t(L.layer)] = x.cache_hit_rate();
   }
   s.host_ms = host_ms_;

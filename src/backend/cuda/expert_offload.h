@@ -25,6 +25,16 @@
 // Prefill (> 16 rows): prefill_begin does the same fetch and plan (the cache is looked up, not
 // filled); GlmDsaCuda's per-expert loop asks prefill_stage for each expert's slot, which
 // enqueues the copy of a streamed one first; finish as above.
+//
+// Prefetch (decode, ExpertPlacement::prefetch, layers with cache slots): GlmDsaCuda applies the
+// router of the next host layer (prefetch_target) to the current layer's residual and hands the
+// predicted ids to decode_begin, which brings them to the host with the same sync. After the
+// step's own copies, the predicted experts the next layer has not cached are copied into its
+// cache slots on a copy stream of their own. Ordering (docs/offload.md, "Prefetch"): the copy
+// stream waits for the current step's copies (they go first on the link) and for the target
+// layer's last reads (finish records them); each prefetched slot's copy records an event, and a
+// step (decode or prefill) that reads or refills that slot waits on it before its own copies
+// and kernels.
 #pragma once
 #include <array>
 #include <chrono>
@@ -41,6 +51,8 @@
 #include "backend/cuda/glm_dsa_cuda.h"
 #include "engine/expert_schedule.h"
 #include "model/glm_dsa.h"
+
+struct CUevent_st;  // cudaEvent_t is CUevent_st*
 
 namespace bigmoe::cuda {
 
@@ -92,10 +104,16 @@ class ExpertOffload {
   const DevExperts& experts(int layer, int proj) const;
   int n_gpu(int layer) const;  // experts resident on the GPU
 
+  // The host layer after `layer` (the next one with host experts) when decode steps of `layer`
+  // prefetch for it: prefetch is on and that layer has cache slots under lru / lfu. Else -1.
+  int prefetch_target(int layer) const;
+
   // Decode (R <= 16 rows): after moe_route wrote ids / route_w [R, top_k] and with h [R, d] the
   // normed input (device). Returns the device slot ids [R * top_k] for matvec_grouped on
-  // experts(layer, *).
-  const int* decode_begin(int layer, const int* ids, const float* route_w, const float* h, int R);
+  // experts(layer, *). next_ids [R, top_k] (device; null: no prefetch): the choice predicted for
+  // prefetch_target(layer), whose missing experts are then prefetched into its cache slots.
+  const int* decode_begin(int layer, const int* ids, const float* route_w, const float* h, int R,
+                          const int* next_ids = nullptr);
   // Prefill: the same fetch and plan; returns the router's ids on the host (pinned, [R * top_k]).
   const int* prefill_begin(int layer, const int* ids, const float* route_w, const float* h, int R);
   // Prefill, for each expert with tokens in turn: its slot in experts(layer, *) after the copy
@@ -140,6 +158,13 @@ class ExpertOffload {
     std::vector<int> use_of;     // [E]: index into step.uses, -1
     std::vector<cpu::ExpertJob> jobs;
     std::vector<int> job_node;  // [jobs]: the node that computes each
+    // Prefetch: the layer this one's decode steps prefetch for (index into layers_, -1); and, as
+    // a target, per cache slot the event of its last prefetch copy and whether a step has yet to
+    // wait on it, plus the event after this layer's last reads of its pool (finish).
+    int prefetch_to = -1;
+    std::vector<CUevent_st*> ready;
+    std::vector<char> pending;
+    CUevent_st* read_done = nullptr;
   };
   struct Group {
     std::array<ExpertLayout, 3> lay;
@@ -151,14 +176,18 @@ class ExpertOffload {
   const Layer& get(int layer) const;
   void* pinned(size_t bytes, const std::string& what);
   void* pinned_on_node(size_t bytes, int node, const std::string& what);
-  void fetch(Layer& L, const int* ids, const float* route_w, const float* h, int R);
+  void fetch(Layer& L, const int* ids, const float* route_w, const float* h, int R, const int* next_ids);
   void plan(Layer& L, int R, bool fill);
-  void copy(const Layer& L, int expert, int slot);
+  void wait_prefetched(Layer& L);
+  void prefetch(Layer& T, int R);
+  void copy(const Layer& L, int expert, int slot, CUstream_st* stream);
 
   const ModelConfig& c_;
   ExpertPlacement p_;
   int max_rows_;
   CUstream_st* stream_;
+  CUstream_st* copy_stream_ = nullptr;  // prefetch copies (null: no layer prefetches)
+  CUevent_st* demand_done_ = nullptr;   // on stream_, after a step's own copies
   Alloc alloc_;
   Write write_;
   std::vector<Layer> layers_;
@@ -179,6 +208,7 @@ class ExpertOffload {
   float* host_rw_ = nullptr;   // pinned [max_rows * K]
   int* host_slot_ = nullptr;   // pinned [max_rows * K] (decode: slot ids)
   int* host_rows_ = nullptr;   // pinned [2 * max_rows * K] (prefill: row lists)
+  int* host_pred_ = nullptr;   // pinned [max_rows * K] (decode: predicted ids of the next layer)
   float* host_h_ = nullptr;    // pinned [max_rows * d] (CPU experts only)
   float* host_y_ = nullptr;    // pinned [max_rows * d]
   int* dev_slot_ = nullptr;    // device [max_rows * K]

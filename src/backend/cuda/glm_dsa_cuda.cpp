@@ -126,6 +126,10 @@ struct GlmDsaCuda::Impl {
   float *qt = nullptr, *lat_o = nullptr, *o = nullptr, *qi = nullptr, *wts = nullptr, *scores = nullptr;
   float *ffn_g = nullptr, *ffn_u = nullptr, *ye = nullptr, *ys = nullptr, *logits = nullptr, *route_w = nullptr;
   float *xe = nullptr, *ge = nullptr, *ue = nullptr, *yexp = nullptr;
+  // Prefetch's prediction of the next host layer's choice (decode rows): its post-attention norm
+  // of x [16, d], its router logits [16, E], ids and weights [16, K].
+  float *pred_h = nullptr, *pred_logits = nullptr, *pred_w = nullptr;
+  int* pred_ids = nullptr;
   float* kbuf = nullptr;
   int* pos_dev = nullptr;
   int* pos_host = nullptr;
@@ -160,6 +164,7 @@ struct GlmDsaCuda::Impl {
           "cudaMemcpyAsync (page table)");
   }
   ~Impl() {
+    offload.reset();  // first: it waits for its copies into the pools freed below
     for (void* p : allocations) cudaFree(p);
     if (host_x) cudaFreeHost(host_x);
     if (host_logits) cudaFreeHost(host_logits);
@@ -513,6 +518,13 @@ struct GlmDsaCuda::Impl {
       ge = alloc<float>(R * c.moe_intermediate_size * 4, "expert activations");
       ue = alloc<float>(R * c.moe_intermediate_size * 4, "expert activations");
       yexp = alloc<float>(R * d * 4, "expert outputs");
+      if (offload && offload_prefetches()) {
+        const size_t Rd = std::min(R, size_t(kDecodeRows));
+        pred_h = alloc<float>(Rd * d * 4, "prefetch prediction");
+        pred_logits = alloc<float>(Rd * c.n_routed_experts * 4, "prefetch prediction");
+        pred_ids = alloc<int>(Rd * K * 4, "prefetch prediction");
+        pred_w = alloc<float>(Rd * K * 4, "prefetch prediction");
+      }
     }
     // The largest matrix the prefill GEMM dequantizes.
     size_t mx = size_t(lm_head.out) * lm_head.in;
@@ -531,6 +543,12 @@ struct GlmDsaCuda::Impl {
     y_logits = alloc<float>(logits_rows * size_t(c.vocab_size) * 4, "logits");
   }
   float* y_logits = nullptr;
+
+  bool offload_prefetches() const {
+    for (const DevBlock& b : blocks)
+      if (b.offload_layer >= 0 && offload->prefetch_target(b.offload_layer) >= 0) return true;
+    return false;
+  }
 
   // ---- ops ----
 
@@ -687,8 +705,14 @@ struct GlmDsaCuda::Impl {
     if (R <= kDecodeRows) {
       // Decode: the grouped kernel reads the chosen experts from `ids` on the device; with host
       // experts, from their slots in the layer's pool once the streamed ones are copied in (-1
-      // for the CPU's: zeros, their result is added by offload->finish).
-      const int* sid = b.offload_layer >= 0 ? offload->decode_begin(b.offload_layer, ids, route_w, h, R) : ids;
+      // for the CPU's: zeros, their result is added by offload->finish). With prefetch, the next
+      // host layer's choice is predicted here, so that it reaches the host with this one.
+      const int* sid = ids;
+      if (b.offload_layer >= 0) {
+        const int next = offload->prefetch_target(b.offload_layer);
+        const int* next_ids = next >= 0 ? predict_route(blocks[size_t(next)], R) : nullptr;
+        sid = offload->decode_begin(b.offload_layer, ids, route_w, h, R, next_ids);
+      }
       matvec_grouped(b.exp_gate.ew, mi, d, sid, S, h, K, ffn_g, stream);
       matvec_grouped(b.exp_up.ew, mi, d, sid, S, h, K, ffn_u, stream);
       silu_mul(ffn_g, ffn_u, size_t(S) * mi, ffn_g, stream);
@@ -706,6 +730,17 @@ struct GlmDsaCuda::Impl {
     }
     moe_combine(ye, route_w, R, K, d, shared, x, stream);
     if (b.offload_layer >= 0) offload->finish(b.offload_layer, x, R);  // CPU experts, while the GPU works
+  }
+
+  // Prefetch's guess at layer n's choice: n's post-attention norm and router on this layer's
+  // residual x (the attention output added, the MoE output not yet), routed as moe_route routes
+  // n's own input. Writes only the pred_* buffers. Returns the ids [R, K] (device).
+  const int* predict_route(const DevBlock& n, int R) {
+    rms_norm(x, n.post_norm, R, c.hidden_size, float(c.rms_norm_eps), pred_h, stream);
+    linear(n.router, pred_h, R, pred_logits);
+    moe_route(pred_logits, n.correction_bias, R, c.n_routed_experts, c.n_group, c.topk_group, c.num_experts_per_tok,
+              c.norm_topk_prob, float(c.routed_scaling_factor), pred_ids, pred_w, stream);
+    return pred_ids;
   }
 
   // Prefill: the router's choice comes to the host, each expert's tokens are gathered and run

@@ -47,6 +47,13 @@ struct ExpertPlacement {
   // (engine/expert_cache.h: "lru" | "lfu"); 0: every streamed expert is copied on each use.
   int cache_slots = 0;
   std::string cache_policy = "lru";
+  // Decode steps of a host layer predict the next host layer's choice (its router on the current
+  // residual) and copy the predicted experts into that layer's cache slots ahead of time, on a
+  // copy stream beside the kernels (docs/offload.md, "Prefetch"). Takes effect where the next
+  // host layer has cache slots under lru / lfu. The logits are bitwise those without it, except
+  // that where a layer has Mixed experts the cache (and so prefetch) decides which of them the
+  // CPU computes.
+  bool prefetch = true;
   // Threads of the CPU expert kernels over all nodes that compute experts, split among them in
   // proportion to their cores (0: every core of each such node).
   int cpu_threads = 0;
@@ -85,14 +92,23 @@ struct OffloadStats {
   uint64_t cache_fills = 0;   // misses that took a cache slot (decode only)
   uint64_t streamed = 0;      // experts copied host -> GPU
   uint64_t cpu_experts = 0;   // experts computed by the CPU
-  double streamed_bytes = 0;  // bytes copied host -> GPU (placed format)
+  uint64_t prefetches = 0;    // experts copied host -> GPU ahead of their step (not in streamed)
+  uint64_t prefetch_hits = 0;  // cache hits that were a prefetched expert's first use (<= prefetches)
+  double streamed_bytes = 0;  // bytes copied host -> GPU on demand (placed format)
   double cpu_bytes = 0;       // expert bytes the CPU read (packed)
+  double prefetch_bytes = 0;  // bytes copied host -> GPU by prefetches
   double host_ms = 0;         // host wall time from each step's router sync to its CPU result enqueued
   double cpu_ms = 0;          // of which in the CPU expert kernels
   std::vector<double> layer_cache_hit_rate;  // [num_hidden_layers]; 0 where nothing streams
   double cache_hit_rate() const {
     return cache_hits + cache_misses ? double(cache_hits) / double(cache_hits + cache_misses) : 0.0;
   }
+  // The hit rate with a prefetched expert's first use counted as a miss: the hits the cache kept.
+  double demand_hit_rate() const {
+    return cache_hits + cache_misses ? double(cache_hits - prefetch_hits) / double(cache_hits + cache_misses) : 0.0;
+  }
+  // Prefetched experts that their step used.
+  double prefetch_accuracy() const { return prefetches ? double(prefetch_hits) / double(prefetches) : 0.0; }
 };
 
 // A handle on one sequence's device cache.
