@@ -19,7 +19,7 @@
 //     [--gpu-mem GiB]                 (its GPU memory cap; the layout must fit unless it is all-gpu)
 //   --cache-slots N --cache-policy lru|lfu --prefetch on|off --cpu-threads N
 //                                     the executor's runtime knobs (the cache ones default to the
-//                                     plan file's expert_cache, else 0 slots, lru, prefetch on)
+//                                     plan file's expert_cache, else 0 slots, lru, prefetch off)
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <fmt/format.h>

@@ -80,10 +80,12 @@ cuda::ExpertPlacement make_placement(const std::string& kind, const GlmDsaModel&
   if (kind == "stream_lru") {
     p.cache_slots = 3;
     p.cache_policy = "lru";
+    p.prefetch = true;  // off by default
   } else if (kind == "mixed") {
     p.mixed_cpu_fraction = 0.5;
     p.cache_slots = 2;
     p.cache_policy = "lfu";
+    p.prefetch = true;
   } else if (kind == "mixture" || kind == "numa") {
     p.mixed_cpu_fraction = 0.5;
     p.cache_slots = 2;

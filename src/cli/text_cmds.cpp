@@ -80,7 +80,7 @@ TextCommands::TextCommands(CLI::App& app) : o_(std::make_unique<Opts>()) {
                                 ->check(CLI::IsMember({"lru", "lfu"})));
     o.engine_opts.push_back(a->add_option("--expert-prefetch", o.prefetch,
                                           "copy the experts the next layer is predicted to pick into its cache slots "
-                                          "ahead of time: on | off (default: the plan's, else on; needs cache slots)")
+                                          "ahead of time: on | off (default: the plan's, else off; needs cache slots)")
                                 ->check(CLI::IsMember({"on", "off"})));
     o.engine_opts.push_back(a->add_option("--cpu-threads", o.cpu_threads,
                                           "threads of the CPU expert kernels (0: all cores)")

@@ -52,8 +52,10 @@ struct ExpertPlacement {
   // copy stream beside the kernels (docs/offload.md, "Prefetch"). Takes effect where the next
   // host layer has cache slots under lru / lfu. The logits are bitwise those without it, except
   // that where a layer has Mixed experts the cache (and so prefetch) decides which of them the
-  // CPU computes.
-  bool prefetch = true;
+  // CPU computes. Off by default: on the synthetic GLM-5.2 benchmark (random routing, so 70% of
+  // guesses used) the PCIe link is the bottleneck and the wasted guesses cost more than the
+  // overlap gains (experts-streamed + 64 LRU slots, H100: 89.4 tok/s off, 78.7 on; bench/RESULTS.md).
+  bool prefetch = false;
   // Threads of the CPU expert kernels over all nodes that compute experts, split among them in
   // proportion to their cores (0: every core of each such node).
   int cpu_threads = 0;
