@@ -162,7 +162,8 @@ class CudaMatvec : public test::CudaTest {
 
   // Runs matvec_grouped for these ids (device copies made here) and compares every slot with
   // the reference; x has ceil(S / x_div) rows.
-  void run_grouped(const Experts& ex, const std::vector<int>& ids, int x_div, double tol) {
+  // silu: with the SwiGLU epilogue (a random gate g [S, out]: y = silu(g) * W x).
+  void run_grouped(const Experts& ex, const std::vector<int>& ids, int x_div, double tol, bool silu = false) {
     const int S = int(ids.size()), T = (S + x_div - 1) / x_div;
     DeviceBuffer<uint8_t> dw(ex.w.size());
     dw.upload(ex.w);
@@ -176,13 +177,21 @@ class CudaMatvec : public test::CudaTest {
     dy.poison();
     cuda::ExpertWeights ew{ex.f, dw.p, ex.w_stride};
     if (!ex.scale.empty()) ew.scale = ds.p, ew.scale_stride = ex.scale_stride, ew.bo = ex.bo, ew.bi = ex.bi;
-    cuda::matvec_grouped(ew, ex.out, ex.in, dids.p, S, dx.p, x_div, dy.p);
+    std::vector<float> gate;
+    DeviceBuffer<float> dg(silu ? size_t(S) * ex.out : 1);
+    if (silu) {
+      gate = randn(size_t(S) * ex.out);
+      for (auto& v : gate) v *= 3.0f;  // both tails of silu
+      dg.upload(gate);
+    }
+    cuda::matvec_grouped(ew, ex.out, ex.in, dids.p, S, dx.p, x_div, dy.p, nullptr, silu ? dg.p : nullptr);
     cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    expect_grouped(ex, ids, x_div, x, dy.download(), tol);
+    expect_grouped(ex, ids, x_div, x, dy.download(), tol, gate);
   }
 
+  // gate (non-empty): the reference is silu(gate) * W x, silu in double.
   void expect_grouped(const Experts& ex, const std::vector<int>& ids, int x_div, const std::vector<float>& x,
-                      const std::vector<float>& y, double tol) {
+                      const std::vector<float>& y, double tol, const std::vector<float>& gate = {}) {
     const int S = int(ids.size());
     int bad = 0;
     for (int s = 0; s < S; ++s)
@@ -195,6 +204,10 @@ class CudaMatvec : public test::CudaTest {
           for (int i = 0; i < ex.in; ++i) {
             ref += double(wr[i]) * xr[i];
             mag += std::abs(double(wr[i]) * xr[i]);
+          }
+          if (!gate.empty()) {
+            const double g = gate[size_t(s) * ex.out + o], sg = g / (1.0 + std::exp(-g));
+            ref *= sg, mag *= std::abs(sg);
           }
         }
         if (!(std::abs(got - ref) <= tol * mag + 1e-30) && bad++ < 5)
@@ -379,6 +392,21 @@ TEST_F(CudaMatvec, GroupedQuant) {
   check_grouped(WeightFormat::Q8_0, 37, 96, tol_of(WeightFormat::Q8_0));
   for (auto f : {WeightFormat::Q8_0, WeightFormat::Q4_K, WeightFormat::Q6_K})
     for (auto [out, in] : {std::pair{2048, 6144}, {6144, 2048}, {37, 512}, {1, 256}}) check_grouped(f, out, in, tol_of(f));
+}
+
+// The SwiGLU epilogue (silu_gate): every kernel family that runs grouped launches, zero slots
+// included (ids[1] = -1: zeros whatever the gate).
+TEST_F(CudaMatvec, GroupedSiluEpilogue) {
+  for (auto f : {WeightFormat::Q8_0, WeightFormat::Q4_K, WeightFormat::Q6_K, WeightFormat::BF16, WeightFormat::FP8_E4M3,
+                 WeightFormat::F32}) {
+    const auto ex = make_experts(f, 2048, 6144, 6);
+    run_grouped(ex, random_ids(6, 12), 4, tol_of(f), true);
+    const bool quant = f == WeightFormat::Q8_0 || f == WeightFormat::Q4_K || f == WeightFormat::Q6_K;
+    const auto odd = make_experts(f, 37, f == WeightFormat::Q8_0 ? 96 : 512, 6, 128, 128, quant);  // split K, odd rows
+    run_grouped(odd, random_ids(6, 5), 1, tol_of(f), true);
+  }
+  const auto scalar = make_experts(WeightFormat::BF16, 7, 333, 6);  // scalar kernel
+  run_grouped(scalar, random_ids(6, 8), 4, tol_of(WeightFormat::BF16), true);
 }
 
 TEST_F(CudaMatvec, GroupedInCudaGraph) {

@@ -55,7 +55,9 @@ void matvec_multi(WeightFormat fmt, const void* w, const float* scale, int bo, i
 // blocks bo x bi). ids: device int [S], read on the device (no host sync, graph-capturable);
 // ids[s] < 0 gives y[s, :] = 0. x float32 [ceil(S / x_div), in], y float32 [S, out]. Same
 // format/alignment rules as matvec (w_stride a multiple of 16). Typical use: S = T * top_k
-// slots, x_div = top_k so slot s reads token s / top_k.
+// slots, x_div = top_k so slot s reads token s / top_k. silu_gate (float32 [S, out], or null):
+// y[s, o] = silu(silu_gate[s, o]) · (W_{ids[s]} · x)[o], the SwiGLU product of an up projection
+// with the gate projection's output, as silu_mul computes it (no separate pass); zeros stay zeros.
 struct ExpertWeights {
   WeightFormat fmt;
   const void* w;
@@ -65,7 +67,7 @@ struct ExpertWeights {
   int bo = 128, bi = 128;   // FP8 block sizes
 };
 void matvec_grouped(const ExpertWeights& ew, int out, int in, const int* ids, int S, const float* x, int x_div,
-                    float* y, CUstream_st* stream = nullptr);
+                    float* y, CUstream_st* stream = nullptr, const float* silu_gate = nullptr);
 
 // Where a sequence's cache rows live (docs/DESIGN.md, "KV cache"). Paged: position r at pool row
 // table[r / page_rows] * page_rows + r % page_rows, i.e. at pool + that * width floats for rows

@@ -714,9 +714,8 @@ struct GlmDsaCuda::Impl {
         sid = offload->decode_begin(b.offload_layer, ids, route_w, h, R, next_ids);
       }
       matvec_grouped(b.exp_gate.ew, mi, d, sid, S, h, K, ffn_g, stream);
-      matvec_grouped(b.exp_up.ew, mi, d, sid, S, h, K, ffn_u, stream);
-      silu_mul(ffn_g, ffn_u, size_t(S) * mi, ffn_g, stream);
-      matvec_grouped(b.exp_down.ew, d, mi, sid, S, ffn_g, 1, ye, stream);
+      matvec_grouped(b.exp_up.ew, mi, d, sid, S, h, K, ffn_u, stream, ffn_g);  // ffn_u = silu(ffn_g) * up
+      matvec_grouped(b.exp_down.ew, d, mi, sid, S, ffn_u, 1, ye, stream);
     } else {
       prefill_experts(b, R);
     }

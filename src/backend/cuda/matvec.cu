@@ -108,10 +108,15 @@ __device__ __forceinline__ void store_out(const OutSplit& os, float* __restrict_
   yp[size_t(b) * len + row - start] = v;
 }
 
+// The SwiGLU epilogue of a grouped up projection (matvec_grouped's silu_gate): silu(g) * v, as
+// silu_mul computes it.
+__device__ __forceinline__ float silu_times(float g, float v) { return g / (1.0f + expf(-g)) * v; }
+
 // Combines the per-warp sums: warp-reduce, then the KSPLIT warps of a row through shared memory.
+// gate (grouped launches, B = 1; else null): the row's value becomes silu(gate[row]) * sum.
 template <int NB>
 __device__ __forceinline__ void finish(float (&acc)[NB], int row, int out, int ks, int ksplit, int B,
-                                       float* __restrict__ y, const OutSplit& os) {
+                                       float* __restrict__ y, const OutSplit& os, const float* __restrict__ gate = nullptr) {
   __shared__ float red[kWarps][NB];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -120,7 +125,7 @@ __device__ __forceinline__ void finish(float (&acc)[NB], int row, int out, int k
     if (row < out && lane == 0) {
 #pragma unroll
       for (int b = 0; b < NB; ++b)
-        if (b < B) store_out(os, y, out, b, row, acc[b]);
+        if (b < B) store_out(os, y, out, b, row, gate ? silu_times(gate[row], acc[b]) : acc[b]);
     }
     return;
   }
@@ -133,7 +138,7 @@ __device__ __forceinline__ void finish(float (&acc)[NB], int row, int out, int k
   if (ks == 0 && row < out && lane < B) {
     float s = 0.f;
     for (int k = 0; k < ksplit; ++k) s += red[warp + k][lane];
-    store_out(os, y, out, lane, row, s);
+    store_out(os, y, out, lane, row, gate ? silu_times(gate[row], s) : s);
   }
 }
 
@@ -144,7 +149,12 @@ struct Slots {
   size_t w_stride;  // bytes between experts
   size_t s_stride;  // floats between experts' scales
   int x_div;
+  const float* gate = nullptr;  // [S, out]: the SwiGLU epilogue (finish), or null
 };
+// This block's slot's row of the epilogue's gate (grouped launches), else null.
+__device__ __forceinline__ const float* slot_gate(const Slots& sl, int out) {
+  return sl.gate ? sl.gate + size_t(blockIdx.y) * out : nullptr;
+}
 
 // Moves w / scale / x / y to this block's slot. Returns false for a negative expert id, after
 // zeroing the block's rows [r0, r0 + nr) of y[slot] (block-uniform: the whole block returns).
@@ -263,7 +273,7 @@ __global__ void __launch_bounds__(kThreads) matvec_dense(const uint8_t* __restri
     }
   }
 #pragma unroll
-  for (int r = 0; r < R; ++r) finish<NB>(acc[r], row0 + r, out, ks, ksplit, B, y, os);
+  for (int r = 0; r < R; ++r) finish<NB>(acc[r], row0 + r, out, ks, ksplit, B, y, os, G ? slot_gate(sl, out) : nullptr);
 }
 
 // Scalar fallback for BF16 / FP8 / F32 rows that are not 16-byte aligned (any in), and FP8 scale
@@ -299,7 +309,7 @@ __global__ void __launch_bounds__(kThreads) matvec_dense_scalar(const uint8_t* _
       for (int b = 0; b < NB; ++b) acc[b] = fmaf(wv, x[size_t(b < B ? b : B - 1) * in + i], acc[b]);
     }
   }
-  finish<NB>(acc, row, out, 0, 1, B, y, os);
+  finish<NB>(acc, row, out, 0, 1, B, y, os, G ? slot_gate(sl, out) : nullptr);
 }
 
 // ---- ggml quant formats: stage blocks in shared memory, decode 32 weights per lane ----
@@ -422,7 +432,8 @@ constexpr int q_min_blocks() {
   return NB != 1 ? 1 : F == WeightFormat::Q8_0 ? 4 : F == WeightFormat::Q4_K ? 3 : 1;
 }
 
-template <WeightFormat F, int NB, int R, bool G>
+// CH: the launch found every run of this matrix chunk-aligned (see issue() below).
+template <WeightFormat F, int NB, int R, bool G, bool CH>
 __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(const uint8_t* __restrict__ w, int out, int in,
                                                          const float* __restrict__ x, int B,
                                                          float* __restrict__ y, int ksplit, Slots sl, OutSplit os) {
@@ -461,15 +472,17 @@ __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(
       const int row = min(row0 + r, out - 1);  // rows past the end re-read the last row, unused
       return reinterpret_cast<uintptr_t>(w) + size_t(row) * row_bytes + size_t(g) * T::BS;
     };
-    // Q4_K (144-byte blocks, rows of whole 16-byte chunks from a 16-byte aligned w): every run
-    // starts on a chunk and ends on one inside its row, so plain copies from one row pointer.
-    constexpr bool kChunked = T::BS % 16 == 0;
+    // Runs that start on a 16-byte chunk in rows of whole chunks (w is 16-byte aligned): plain
+    // copies from one row pointer; the last chunk of a run ends inside its row. Always so for
+    // Q4_K (144-byte blocks); for Q8_0 (34) when the launch says so (CH: rows and K parts of
+    // multiples of 8 blocks, as all of GLM-5.2's are).
+    constexpr bool kChunked = T::BS % 16 == 0 || CH;
     const uint8_t* const wrow = w + size_t(row0) * row_bytes;
     auto issue = [&](int g, int buf) {
       const int nblk = min(GR, g1 - g);
       if constexpr (kChunked) {
         const uint8_t* const p = wrow + size_t(g) * T::BS + 16 * lane;
-        const int nch = nblk * (T::BS / 16);
+        const int nch = (nblk * T::BS + 15) >> 4;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           const int rr = min(row0 + r, out - 1) - row0;  // rows past the end re-read the last row, unused
@@ -665,7 +678,7 @@ __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(
     pdl_wait();
   }
 #pragma unroll
-  for (int r = 0; r < R; ++r) finish<NB>(acc[r], row0 + r, out, ks, ksplit, B, y, os);
+  for (int r = 0; r < R; ++r) finish<NB>(acc[r], row0 + r, out, ks, ksplit, B, y, os, G ? slot_gate(sl, out) : nullptr);
 }
 
 int sm_count() {
@@ -721,22 +734,39 @@ struct Problem {
   OutSplit os;  // n == 0 unless matvec_multi
 };
 
-template <WeightFormat F, int NB, int R, bool G>
-void launch_quant_r(const Problem& p, cudaStream_t s) {
+template <WeightFormat F, int NB, int R, bool G, bool CH>
+void launch_quant_k(const Problem& p, int k, cudaStream_t s) {
   using St = QStage<F, R>;
   static const bool attr = [] {  // the two stages exceed the 48 KB a launch gets by default
-    check(cudaFuncSetAttribute(matvec_quant<F, NB, R, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(St::smem)),
+    check(cudaFuncSetAttribute(matvec_quant<F, NB, R, G, CH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(St::smem)),
           "cudaFuncSetAttribute (matvec)");
     return true;
   }();
   (void)attr;
   const int rows = (p.out + R - 1) / R;
-  // Split K down to about one staged step per warp, so that short matrices still fill the GPU.
-  const int k = choose_ksplit(long(rows) * p.S, p.in / QTraits<F>::QK, std::max(1, St::GR / 2));
   const dim3 g(unsigned((rows + kWarps / k - 1) / (kWarps / k)), unsigned(p.S));
-  check(pdl_launch(matvec_quant<F, NB, R, G>, g, dim3(kThreads), St::smem, s, p.w, p.out, p.in, p.x, p.B, p.y, k, p.sl,
-                   p.os),
+  check(pdl_launch(matvec_quant<F, NB, R, G, CH>, g, dim3(kThreads), St::smem, s, p.w, p.out, p.in, p.x, p.B, p.y, k,
+                   p.sl, p.os),
         "matvec launch");
+}
+
+template <WeightFormat F, int NB, int R, bool G>
+void launch_quant_r(const Problem& p, cudaStream_t s) {
+  using T = QTraits<F>;
+  using St = QStage<F, R>;
+  const int rows = (p.out + R - 1) / R;
+  // Split K down to about one staged step per warp, so that short matrices still fill the GPU.
+  const int nb = p.in / T::QK;
+  const int k = choose_ksplit(long(rows) * p.S, nb, std::max(1, St::GR / 2));
+  if constexpr (F == WeightFormat::Q8_0 && NB == 1 && R == 4) {
+    // Chunk-aligned runs (the kernel's plain copies): whole-chunk rows, K parts and steps.
+    const int per = (nb + k - 1) / k;
+    const bool ch = size_t(nb) * T::BS % 16 == 0 && size_t(per) * T::BS % 16 == 0 && St::GR * T::BS % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(p.w) % 16 == 0 && (p.sl.ids == nullptr || p.sl.w_stride % 16 == 0);
+    if (ch) return launch_quant_k<F, NB, R, G, true>(p, k, s);
+  }
+  launch_quant_k<F, NB, R, G, false>(p, k, s);
 }
 
 template <WeightFormat F, int NB>
@@ -920,7 +950,7 @@ void matvec_multi(WeightFormat fmt, const void* w, const float* scale, int bo, i
 }
 
 void matvec_grouped(const ExpertWeights& ew, int out, int in, const int* ids, int S, const float* x, int x_div,
-                    float* y, CUstream_st* stream) {
+                    float* y, CUstream_st* stream, const float* silu_gate) {
   check_args("matvec_grouped", ew.fmt, ew.w, ew.scale, ew.bo, ew.bi, out, in, x);
   BIGMOE_CHECK(ids != nullptr, "matvec_grouped: ids is null");
   BIGMOE_CHECK(S >= 1 && S <= 65535, "matvec_grouped: slot count {} outside 1..65535", S);
@@ -931,7 +961,7 @@ void matvec_grouped(const ExpertWeights& ew, int out, int in, const int* ids, in
   BIGMOE_CHECK(ew.w_stride % align == 0, "matvec_grouped: {} needs w_stride % {} == 0, got {}",
                weight_format_name(ew.fmt), align, ew.w_stride);
   launch_batch({ew.fmt, static_cast<const uint8_t*>(ew.w), ew.scale, ew.bo, ew.bi, out, in, x, 1, y,
-                Slots{ids, ew.w_stride, ew.scale_stride, x_div}, S},
+                Slots{ids, ew.w_stride, ew.scale_stride, x_div, silu_gate}, S},
                stream);
 }
 
