@@ -10,6 +10,7 @@
 #include "backend/cuda/decode_ops.h"
 #include "backend/cuda/block_norm.h"
 #include "backend/cuda/page_math.h"
+#include "backend/cuda/pdl.h"
 #include "backend/cuda/rope_math.h"
 #include "util/error.h"
 
@@ -46,6 +47,8 @@ __global__ void kv_to_cache_kernel(const float* __restrict__ kv, int stride, int
                                    float eps, int dim, const float* __restrict__ inv_freq, float factor,
                                    bool interleave, float* __restrict__ latent, float* __restrict__ k_pe, int pos0,
                                    const int* pos, const PageTable pages) {
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   using Reduce = cub::BlockReduce<float, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   __shared__ float inv_s;
@@ -79,6 +82,8 @@ __global__ void index_key_to_cache_kernel(const float* __restrict__ k, int n, co
                                           const float* __restrict__ b, float eps, int dim,
                                           const float* __restrict__ inv_freq, float factor, bool interleave,
                                           float* __restrict__ cache, int pos0, const int* pos, const PageTable pages) {
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   extern __shared__ float row[];
   const int t = blockIdx.x, p = (pos ? *pos : pos0) + t;
   const float* xr = k + size_t(t) * n;
@@ -109,8 +114,9 @@ void kv_to_cache(const float* kv, int stride, int T, int kvr, const float* norm_
   if (T == 0) return;
   BIGMOE_CHECK(kv && norm_w && inv_freq && latent && k_pe, "kv_to_cache: null pointer");
   BIGMOE_CHECK(!pages.table || pages.page_rows >= 1, "kv_to_cache: page table with {} rows per page", pages.page_rows);
-  kv_to_cache_kernel<<<T, kThreads, 0, stream>>>(kv, stride, kvr, norm_w, eps, dim, inv_freq, factor, interleave,
-                                                 latent, k_pe, pos0, pos, pages);
+  check(pdl_launch(kv_to_cache_kernel, dim3(T), dim3(kThreads), 0, stream, kv, stride, kvr, norm_w, eps, dim, inv_freq,
+                   factor, interleave, latent, k_pe, pos0, pos, pages),
+        "kv_to_cache_kernel launch");
   check(cudaGetLastError(), "kv_to_cache launch");
 }
 
@@ -123,8 +129,9 @@ void index_key_to_cache(const float* k, int T, int n, const float* w, const floa
   BIGMOE_CHECK(k && w && b && cache && (dim == 0 || inv_freq), "index_key_to_cache: null pointer");
   BIGMOE_CHECK(!pages.table || pages.page_rows >= 1, "index_key_to_cache: page table with {} rows per page",
                pages.page_rows);
-  index_key_to_cache_kernel<<<T, kThreads, size_t(n) * 4, stream>>>(k, n, w, b, eps, dim, inv_freq, factor,
-                                                                     interleave, cache, pos0, pos, pages);
+  check(pdl_launch(index_key_to_cache_kernel, dim3(T), dim3(kThreads), size_t(n) * 4, stream, k, n, w, b, eps, dim,
+                   inv_freq, factor, interleave, cache, pos0, pos, pages),
+        "index_key_to_cache_kernel launch");
   check(cudaGetLastError(), "index_key_to_cache launch");
 }
 
@@ -160,6 +167,8 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 
 __global__ void __launch_bounds__(kSelThreads) topk_select_kernel(const float* __restrict__ scores, int N, int pos0,
                                                                   int k, int* __restrict__ out, const int* pos) {
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   using Scan = cub::BlockScan<int, kSelThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int hist[256];
@@ -241,8 +250,9 @@ void topk_select(const float* scores, int T, int N, int pos0, int k, int* out, C
     // Rows t0.. are at positions pos0 + t0 + ...: shift pos0 (pos: the kernel adds blockIdx.x
     // to *pos, so chunks past the first are only valid without pos).
     BIGMOE_CHECK(t0 == 0 || !pos, "topk_select: more than 65535 rows need pos0 on the host");
-    topk_select_kernel<<<n, kSelThreads, 0, stream>>>(scores + size_t(t0) * N, N, pos0 + t0, k, out + size_t(t0) * k,
-                                                      pos);
+    check(pdl_launch(topk_select_kernel, dim3(n), dim3(kSelThreads), 0, stream, scores + size_t(t0) * N, N, pos0 + t0,
+                     k, out + size_t(t0) * k, pos),
+          "topk_select_kernel launch");
   }
   check(cudaGetLastError(), "topk_select launch");
 }

@@ -53,6 +53,7 @@
 
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/page_math.h"
+#include "backend/cuda/pdl.h"
 #include "util/error.h"
 
 namespace bigmoe::cuda {
@@ -164,6 +165,8 @@ __device__ __forceinline__ void reduce_scatter64(float (&v)[64], int lane) {
 // grid (ceil(H / kGroup), splits, T), kAttnThreads threads, attn_smem_bytes(L + R) dynamic smem.
 template <int kL, int kR>
 __global__ void __launch_bounds__(kAttnThreads, 2) mla_attn_kernel(const AttnArgs a) {
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   constexpr bool kFull = kL == kMaxLatent;  // every thread owns kDimsPerThread latent dims
   const int L = kL ? kL : a.L, R = kL ? kR : a.R, K = L + R, K4 = K / 4, L4 = L / 4;
   extern __shared__ __align__(16) float smem[];
@@ -409,6 +412,8 @@ constexpr int kMergePerWarp = kMaxSplits / kMergeWarps;
 __global__ void __launch_bounds__(kMergeThreads)
     mla_merge_kernel(const float* __restrict__ part_acc, const float2* __restrict__ part_ml, int splits,
                      size_t acc_stride, size_t ml_stride, int H, int L, float* __restrict__ out) {
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   __shared__ float s_w[kMaxSplits];
   __shared__ float4 s_sum[kMergeWarps][32];
   const int h = blockIdx.y, t = blockIdx.z, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -542,6 +547,8 @@ __global__ void __launch_bounds__(kIdxThreads)
     indexer_scores_kernel(const float* __restrict__ qi, const float* __restrict__ ki, const float* __restrict__ w,
                           int Hi, int Di, int N, int pos0, float w_scale, float dot_scale, float* __restrict__ scores,
                           int kpb, const PageTable pages) {
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   extern __shared__ __align__(16) float smem[];
   const int ld = Di + 1;
   float* sq = smem;
@@ -709,11 +716,12 @@ void mla_decode_attention(const float* q_lat, const float* q_pe, const float* la
       c.part_acc = a.part_acc + r0 * kv_lora;
       c.part_ml = a.part_ml + r0;
     }
-    kernel<<<dim3(groups, splits, n), kAttnThreads, smem, stream>>>(c);
+    check(pdl_launch(kernel, dim3(groups, splits, n), dim3(kAttnThreads), smem, stream, c), "mla_attn_kernel launch");
     check(cudaGetLastError(), "mla_decode_attention launch");
     if (splits > 1) {
-      mla_merge_kernel<<<dim3((kv_lora + 127) / 128, H, n), kMergeThreads, 0, stream>>>(
-          c.part_acc, c.part_ml, splits, a.acc_stride, a.ml_stride, H, kv_lora, c.out);
+      check(pdl_launch(mla_merge_kernel, dim3((kv_lora + 127) / 128, H, n), dim3(kMergeThreads), 0, stream, c.part_acc,
+                       c.part_ml, splits, a.acc_stride, a.ml_stride, H, kv_lora, c.out),
+            "mla_merge_kernel launch");
       check(cudaGetLastError(), "mla_decode_attention merge launch");
     }
   }
@@ -738,9 +746,10 @@ void dsa_indexer_scores(const float* qi, const float* ki, const float* w, int T,
   for (int t0 = 0; t0 < T; t0 += kMaxRowsPerLaunch) {  // grid y limit; rows are independent
     const int n = std::min(T - t0, kMaxRowsPerLaunch);
     dim3 grid((N + kpb - 1) / kpb, n);
-    indexer_scores_kernel<<<grid, kIdxThreads, smem, stream>>>(qi + size_t(t0) * Hi * Di, ki, w + size_t(t0) * Hi, Hi,
-                                                               Di, N, pos0 + t0, w_scale, 1.f / std::sqrt(float(Di)),
-                                                               scores + size_t(t0) * N, kpb, pages);
+    check(pdl_launch(indexer_scores_kernel, dim3(grid), dim3(kIdxThreads), smem, stream, qi + size_t(t0) * Hi * Di, ki,
+                     w + size_t(t0) * Hi, Hi, Di, N, pos0 + t0, w_scale, 1.f / std::sqrt(float(Di)),
+                     scores + size_t(t0) * N, kpb, pages),
+          "indexer_scores_kernel launch");
     check(cudaGetLastError(), "dsa_indexer_scores launch");
   }
 }

@@ -42,6 +42,8 @@ unsigned elementwise_blocks(size_t n) { return unsigned(std::min<size_t>((n + kT
 __global__ void rope_kernel(float* x, int rows, size_t stride, int offset, int dim, int rows_per_pos, int pos0,
                             const float* __restrict__ inv_freq, float factor, bool interleave, const int* pos_dev,
                             float* out, size_t out_stride) {
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   if (pos_dev) pos0 = *pos_dev;
   const int half = dim / 2;
   const size_t total = size_t(rows) * half;
@@ -64,6 +66,8 @@ __global__ void rope_kernel(float* x, int rows, size_t stride, int offset, int d
 
 __global__ void layer_norm_kernel(const float* x, const float* __restrict__ w, const float* __restrict__ b, int n,
                                   float eps, float* y) {
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   const float* xr = x + size_t(blockIdx.x) * n;
   float* yr = y + size_t(blockIdx.x) * n;
   float mean, inv;
@@ -74,7 +78,8 @@ __global__ void layer_norm_kernel(const float* x, const float* __restrict__ w, c
 // ---- elementwise ----
 
 __global__ void silu_mul_kernel(const float* g, const float* u, size_t n, float* out) {
-  pdl_trigger();  // lets a PDL-launched matvec after this kernel start fetching weights
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     const float a = g[i];
     out[i] = a / (1.0f + expf(-a)) * u[i];
@@ -82,7 +87,8 @@ __global__ void silu_mul_kernel(const float* g, const float* u, size_t n, float*
 }
 
 __global__ void add_kernel(float* x, const float* __restrict__ y, size_t n) {
-  pdl_trigger();  // lets a PDL-launched matvec after this kernel start fetching weights
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     x[i] += y[i];
 }
@@ -107,7 +113,8 @@ __global__ void __launch_bounds__(kThreads) moe_route_kernel(const float* __rest
                                                              const float* __restrict__ bias, int E, int G,
                                                              int topk_group, int K, bool norm_topk, float scaling,
                                                              int* __restrict__ ids, float* __restrict__ weights) {
-  pdl_trigger();  // lets a PDL-launched matvec after this kernel start fetching weights
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   __shared__ float sig[kMaxExperts], choice[kMaxExperts];
   __shared__ float gscore[kMaxExperts / 2];
   __shared__ bool gkeep[kMaxExperts / 2];
@@ -199,7 +206,8 @@ __global__ void __launch_bounds__(kThreads) moe_route_kernel(const float* __rest
 
 __global__ void moe_combine_kernel(const float* __restrict__ y, const float* __restrict__ w, int K, int d,
                                    const float* __restrict__ shared, float* __restrict__ x) {
-  pdl_trigger();  // lets a PDL-launched matvec after this kernel start fetching weights
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   const int t = blockIdx.x;
   const int i = blockIdx.y * kThreads + threadIdx.x;
   if (i >= d) return;
@@ -286,7 +294,8 @@ __global__ void __launch_bounds__(kThreads, 2) head_matvec_kernel(const void* __
                                                                const float* __restrict__ x, size_t x_stride_t,
                                                                size_t x_stride_h, int T, bool vec,
                                                                float* __restrict__ y) {
-  pdl_trigger();  // lets a PDL-launched matvec after this kernel start fetching weights
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   constexpr int N = kHeadRows * NB;  // accumulators per lane: value r * NB + b
   const int h = blockIdx.y, t0 = blockIdx.z * kHeadMaxT, tc = min(kHeadMaxT, T - t0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -355,8 +364,9 @@ void rope(float* x, int rows, int stride, int offset, int dim, int rows_per_pos,
   if (rows == 0) return;
   BIGMOE_CHECK(x && inv_freq, "rope: null pointer");
   const size_t pairs = size_t(rows) * (dim / 2);
-  rope_kernel<<<elementwise_blocks(pairs), kThreads, 0, stream>>>(x, rows, size_t(stride), offset, dim, rows_per_pos,
-                                                                  pos0, inv_freq, factor, interleave, pos_dev, nullptr, 0);
+  check(pdl_launch(rope_kernel, dim3(elementwise_blocks(pairs)), dim3(kThreads), 0, stream, x, rows, size_t(stride),
+                   offset, dim, rows_per_pos, pos0, inv_freq, factor, interleave, pos_dev, nullptr, 0),
+        "rope_kernel launch");
   check(cudaGetLastError(), "rope kernel launch");
 }
 
@@ -371,9 +381,10 @@ void rope_to(const float* x, int rows, int stride, int offset, int dim, int rows
   if (rows == 0) return;
   BIGMOE_CHECK(x && inv_freq && out, "rope_to: null pointer");
   const size_t pairs = size_t(rows) * (dim / 2);
-  rope_kernel<<<elementwise_blocks(pairs), kThreads, 0, stream>>>(const_cast<float*>(x), rows, size_t(stride), offset,
-                                                                  dim, rows_per_pos, pos0, inv_freq, factor, interleave,
-                                                                  pos_dev, out, size_t(out_stride));
+  check(pdl_launch(rope_kernel, dim3(elementwise_blocks(pairs)), dim3(kThreads), 0, stream, const_cast<float*>(x), rows,
+                   size_t(stride), offset, dim, rows_per_pos, pos0, inv_freq, factor, interleave, pos_dev, out,
+                   size_t(out_stride)),
+        "rope_kernel launch");
   check(cudaGetLastError(), "rope kernel launch");
 }
 
@@ -382,21 +393,23 @@ void layer_norm(const float* x, const float* w, const float* b, int rows, int n,
   BIGMOE_CHECK(rows >= 0 && n >= 1, "layer_norm: bad shape rows={} n={}", rows, n);
   if (rows == 0) return;
   BIGMOE_CHECK(x && w && b && y, "layer_norm: null pointer");
-  layer_norm_kernel<<<rows, kThreads, 0, stream>>>(x, w, b, n, eps, y);
+  check(pdl_launch(layer_norm_kernel, dim3(rows), dim3(kThreads), 0, stream, x, w, b, n, eps, y),
+        "layer_norm_kernel launch");
   check(cudaGetLastError(), "layer_norm kernel launch");
 }
 
 void silu_mul(const float* g, const float* u, size_t n, float* out, CUstream_st* stream) {
   if (n == 0) return;
   BIGMOE_CHECK(g && u && out, "silu_mul: null pointer");
-  silu_mul_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(g, u, n, out);
+  check(pdl_launch(silu_mul_kernel, dim3(elementwise_blocks(n)), dim3(kThreads), 0, stream, g, u, n, out),
+        "silu_mul_kernel launch");
   check(cudaGetLastError(), "silu_mul kernel launch");
 }
 
 void add_inplace(float* x, const float* y, size_t n, CUstream_st* stream) {
   if (n == 0) return;
   BIGMOE_CHECK(x && y, "add_inplace: null pointer");
-  add_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(x, y, n);
+  check(pdl_launch(add_kernel, dim3(elementwise_blocks(n)), dim3(kThreads), 0, stream, x, y, n), "add_kernel launch");
   check(cudaGetLastError(), "add_inplace kernel launch");
 }
 
@@ -410,8 +423,9 @@ void moe_route(const float* logits, const float* bias, int T, int E, int n_group
                n_group);
   if (T == 0) return;
   BIGMOE_CHECK(logits && ids && weights, "moe_route: null pointer");
-  moe_route_kernel<<<T, kThreads, 0, stream>>>(logits, bias, E, n_group, topk_group, K, norm_topk, scaling, ids,
-                                               weights);
+  check(pdl_launch(moe_route_kernel, dim3(T), dim3(kThreads), 0, stream, logits, bias, E, n_group, topk_group, K,
+                   norm_topk, scaling, ids, weights),
+        "moe_route_kernel launch");
   check(cudaGetLastError(), "moe_route kernel launch");
 }
 
@@ -421,7 +435,8 @@ void moe_combine(const float* y, const float* w, int T, int K, int d, const floa
   if (T == 0) return;
   BIGMOE_CHECK(x && (K == 0 || (y && w)), "moe_combine: null pointer");
   const dim3 grid(unsigned(T), unsigned((d + kThreads - 1) / kThreads));
-  moe_combine_kernel<<<grid, kThreads, 0, stream>>>(y, w, K, d, shared, x);
+  check(pdl_launch(moe_combine_kernel, dim3(grid), dim3(kThreads), 0, stream, y, w, K, d, shared, x),
+        "moe_combine_kernel launch");
   check(cudaGetLastError(), "moe_combine kernel launch");
 }
 
@@ -457,7 +472,10 @@ void head_matvec(WeightFormat fmt, const void* w, int H, int rows, int cols, con
   const dim3 grid(unsigned((rows + kHeadBlockRows - 1) / kHeadBlockRows), unsigned(H),
                   unsigned((T + kHeadMaxT - 1) / kHeadMaxT));
   const auto xt = size_t(x_stride_t), xh = size_t(x_stride_h);
-  auto launch = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(w, H, rows, cols, x, xt, xh, T, vec, y); };
+  auto launch = [&](auto kernel) {
+    check(pdl_launch(kernel, grid, dim3(kThreads), 0, stream, w, H, rows, cols, x, xt, xh, T, vec, y),
+          "head_matvec_kernel launch");
+  };
   // Accumulator slots: the smallest of 1 / 4 / 8 / 16 that holds the tokens (T > 16: chunks of 16).
   if (T == 1) f32 ? launch(head_matvec_kernel<true, 1>) : launch(head_matvec_kernel<false, 1>);
   else if (T <= 4) f32 ? launch(head_matvec_kernel<true, 4>) : launch(head_matvec_kernel<false, 4>);

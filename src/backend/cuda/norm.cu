@@ -22,7 +22,8 @@ constexpr int kThreads = 256;
 template <bool VEC>
 __global__ void rms_norm_kernel(const float* x, size_t x_stride, const float* __restrict__ w, int n, float eps,
                                 float* y, size_t y_stride) {
-  pdl_trigger();  // lets a PDL-launched matvec after this kernel start fetching weights
+  pdl_wait();  // launched with PDL: nothing is read or written before the kernel ahead finishes
+  pdl_trigger();  // then the next kernel may start (after the wait: one kernel ahead at most)
   using Reduce = cub::BlockReduce<float, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   __shared__ float inv;
@@ -70,9 +71,13 @@ void rms_norm_strided(const float* x, int x_stride, const float* w, int rows, in
   BIGMOE_CHECK(x && w && y, "rms_norm: null pointer");
   auto a16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   if (n % 4 == 0 && x_stride % 4 == 0 && y_stride % 4 == 0 && a16(x) && a16(w) && a16(y))
-    rms_norm_kernel<true><<<rows, kThreads, 0, stream>>>(x, size_t(x_stride), w, n, eps, y, size_t(y_stride));
+    check(pdl_launch(rms_norm_kernel<true>, dim3(rows), dim3(kThreads), 0, stream, x, size_t(x_stride), w, n, eps, y,
+                     size_t(y_stride)),
+          "rms_norm_kernel launch");
   else
-    rms_norm_kernel<false><<<rows, kThreads, 0, stream>>>(x, size_t(x_stride), w, n, eps, y, size_t(y_stride));
+    check(pdl_launch(rms_norm_kernel<false>, dim3(rows), dim3(kThreads), 0, stream, x, size_t(x_stride), w, n, eps, y,
+                     size_t(y_stride)),
+          "rms_norm_kernel launch");
   check(cudaGetLastError(), "rms_norm kernel launch");
 }
 
