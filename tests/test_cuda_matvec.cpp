@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <tuple>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -407,6 +408,67 @@ TEST_F(CudaMatvec, GroupedSiluEpilogue) {
   }
   const auto scalar = make_experts(WeightFormat::BF16, 7, 333, 6);  // scalar kernel
   run_grouped(scalar, random_ids(6, 8), 4, tol_of(WeightFormat::BF16), true);
+}
+
+// Fused gate + up (matvec_grouped_glu) against silu(G x) * (U x) from the dequantized experts:
+// one launch for the quant formats (split K, odd rows, zero slots), two for the dense ones.
+TEST_F(CudaMatvec, GroupedGlu) {
+  for (auto f : {WeightFormat::Q8_0, WeightFormat::Q4_K, WeightFormat::Q6_K, WeightFormat::BF16, WeightFormat::FP8_E4M3}) {
+    for (auto [out, in, S, x_div] : {std::tuple{2048, 6144, 12, 4}, {37, 512, 5, 1}, {1, 256, 3, 3}}) {
+      const auto g = make_experts(f, out, in, 6), u = make_experts(f, out, in, 6);
+      const auto ids = random_ids(6, S);
+      const int T = (S + x_div - 1) / x_div;
+      DeviceBuffer<uint8_t> dg(g.w.size()), du(u.w.size());
+      dg.upload(g.w);
+      du.upload(u.w);
+      DeviceBuffer<float> dgs(std::max<size_t>(1, g.scale.size())), dus(std::max<size_t>(1, u.scale.size()));
+      cuda::ExpertWeights eg{f, dg.p, g.w_stride}, eu{f, du.p, u.w_stride};
+      if (!g.scale.empty()) {
+        dgs.upload(g.scale);
+        dus.upload(u.scale);
+        eg.scale = dgs.p, eg.scale_stride = g.scale_stride;
+        eu.scale = dus.p, eu.scale_stride = u.scale_stride;
+      }
+      DeviceBuffer<int> dids(ids.size());
+      dids.upload(ids);
+      auto x = randn(size_t(T) * in);
+      DeviceBuffer<float> dx(x.size()), dy(size_t(S) * out), scratch(size_t(S) * out);
+      dx.upload(x);
+      dy.poison();
+      cuda::matvec_grouped_glu(eg, eu, out, in, dids.p, S, dx.p, x_div, dy.p, scratch.p);
+      cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+      const auto y = dy.download();
+      int bad = 0;
+      for (int s = 0; s < S; ++s)
+        for (int o = 0; o < out; ++o) {
+          double rg = 0, ru = 0, mg = 0, mu = 0;
+          if (ids[s] >= 0) {
+            const float* xr = &x[size_t(s / x_div) * in];
+            const float *wg = &g.deq[ids[s]][size_t(o) * in], *wu = &u.deq[ids[s]][size_t(o) * in];
+            for (int i = 0; i < in; ++i) {
+              rg += double(wg[i]) * xr[i], mg += std::abs(double(wg[i]) * xr[i]);
+              ru += double(wu[i]) * xr[i], mu += std::abs(double(wu[i]) * xr[i]);
+            }
+          }
+          const double sg = rg / (1.0 + std::exp(-rg)), want = sg * ru;
+          // |d silu| <= 1.1: the gate's error enters times |u|, the up's times |silu(g)|.
+          const double tol = tol_of(f) * (1.1 * mg * std::abs(ru) + std::abs(sg) * mu) + 1e-30;
+          const float got = y[size_t(s) * out + o];
+          if (!(std::abs(got - want) <= tol) && bad++ < 5)
+            ADD_FAILURE() << cuda::weight_format_name(f) << " [" << out << " x " << in << "] slot " << s << " (expert "
+                          << ids[s] << ") o=" << o << ": got " << got << " want " << want;
+        }
+      ASSERT_EQ(bad, 0) << cuda::weight_format_name(f) << " [" << out << " x " << in << "]";
+    }
+  }
+  // Gate and up of different layouts are refused.
+  const auto a = make_experts(WeightFormat::Q4_K, 256, 256, 2), b = make_experts(WeightFormat::Q8_0, 256, 256, 2);
+  DeviceBuffer<uint8_t> da(a.w.size()), db(b.w.size());
+  DeviceBuffer<int> dids(2);
+  DeviceBuffer<float> dx(256), dy(512);
+  EXPECT_THROW(cuda::matvec_grouped_glu({a.f, da.p, a.w_stride}, {b.f, db.p, b.w_stride}, 256, 256, dids.p, 2, dx.p, 1,
+                                        dy.p, nullptr),
+               Error);
 }
 
 TEST_F(CudaMatvec, GroupedInCudaGraph) {

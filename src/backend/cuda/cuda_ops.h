@@ -69,6 +69,14 @@ struct ExpertWeights {
 void matvec_grouped(const ExpertWeights& ew, int out, int in, const int* ids, int S, const float* x, int x_div,
                     float* y, CUstream_st* stream = nullptr, const float* silu_gate = nullptr);
 
+// Fused SwiGLU of grouped experts: y[s, o] = silu((G_{ids[s]} x)[o]) · (U_{ids[s]} x)[o] with the
+// gate and up experts in two pools of the same format and layout (one launch for the quant
+// formats: each warp reads a gate row and its up row; BF16 / FP8 / F32 run the gate into
+// `scratch` [S, out] and the up projection with matvec_grouped's silu_gate). Same rules as
+// matvec_grouped.
+void matvec_grouped_glu(const ExpertWeights& gate, const ExpertWeights& up, int out, int in, const int* ids, int S,
+                        const float* x, int x_div, float* y, float* scratch, CUstream_st* stream = nullptr);
+
 // Where a sequence's cache rows live (docs/DESIGN.md, "KV cache"). Paged: position r at pool row
 // table[r / page_rows] * page_rows + r % page_rows, i.e. at pool + that * width floats for rows
 // of `width` floats (pool rows < 2^31). table == nullptr: contiguous, position r at pool row r.

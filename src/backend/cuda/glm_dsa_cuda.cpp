@@ -713,8 +713,7 @@ struct GlmDsaCuda::Impl {
         const int* next_ids = next >= 0 ? predict_route(blocks[size_t(next)], R) : nullptr;
         sid = offload->decode_begin(b.offload_layer, ids, route_w, h, R, next_ids);
       }
-      matvec_grouped(b.exp_gate.ew, mi, d, sid, S, h, K, ffn_g, stream);
-      matvec_grouped(b.exp_up.ew, mi, d, sid, S, h, K, ffn_u, stream, ffn_g);  // ffn_u = silu(ffn_g) * up
+      matvec_grouped_glu(b.exp_gate.ew, b.exp_up.ew, mi, d, sid, S, h, K, ffn_u, ffn_g, stream);  // silu(gate) * up
       matvec_grouped(b.exp_down.ew, d, mi, sid, S, ffn_u, 1, ye, stream);
     } else {
       prefill_experts(b, R);

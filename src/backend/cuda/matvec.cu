@@ -142,6 +142,32 @@ __device__ __forceinline__ void finish(float (&acc)[NB], int row, int out, int k
   }
 }
 
+// GLU kernels: acc[0..1] are gate rows row0, row0 + 1 and acc[2..3] the up rows; writes
+// y[row] = silu(gate) * up for both (B = 1), the K-split warps summed through shared memory first.
+__device__ __forceinline__ void finish_glu(float (&acc)[4][1], int row0, int out, int ks, int ksplit,
+                                           float* __restrict__ y) {
+  __shared__ float red[kWarps][4];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float v[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) v[r] = warp_sum(acc[r][0]);
+  if (ksplit == 1) {
+    if (lane < 2 && row0 + lane < out) y[row0 + lane] = silu_times(lane ? v[1] : v[0], lane ? v[3] : v[2]);
+    return;
+  }
+  __syncthreads();
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) red[warp][r] = v[r];
+  }
+  __syncthreads();
+  if (ks == 0 && lane < 2 && row0 + lane < out) {
+    float g = 0.f, u = 0.f;
+    for (int k = 0; k < ksplit; ++k) g += red[warp + k][lane], u += red[warp + k][2 + lane];
+    y[row0 + lane] = silu_times(g, u);
+  }
+}
+
 // Grouped launches: slot blockIdx.y computes y[slot, :] = W_{ids[slot]} x[slot / x_div, :] (B = 1).
 // ids == nullptr for a plain matvec (gridDim.y = 1; the kernels ignore sl unless G).
 struct Slots {
@@ -150,6 +176,7 @@ struct Slots {
   size_t s_stride;  // floats between experts' scales
   int x_div;
   const float* gate = nullptr;  // [S, out]: the SwiGLU epilogue (finish), or null
+  ptrdiff_t up_off = 0;         // fused gate + up (GLU kernels): bytes from the gate to the up experts
 };
 // This block's slot's row of the epilogue's gate (grouped launches), else null.
 __device__ __forceinline__ const float* slot_gate(const Slots& sl, int out) {
@@ -433,7 +460,9 @@ constexpr int q_min_blocks() {
 }
 
 // CH: the launch found every run of this matrix chunk-aligned (see issue() below).
-template <WeightFormat F, int NB, int R, bool G, bool CH>
+// GLU (grouped, R = 4): the warp's rows are gate rows o, o + 1 and up rows o, o + 1 (the up
+// experts at w + sl.up_off), and it writes silu(gate) * up for output rows o, o + 1.
+template <WeightFormat F, int NB, int R, bool G, bool CH, bool GLU>
 __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(const uint8_t* __restrict__ w, int out, int in,
                                                          const float* __restrict__ x, int B,
                                                          float* __restrict__ y, int ksplit, Slots sl, OutSplit os) {
@@ -447,15 +476,20 @@ __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(
   uint8_t* const wstage = reinterpret_cast<uint8_t*>(matvec_qsmem) + size_t(threadIdx.x >> 5) * 2 * R * STAGE;
   const uint32_t sstage = uint32_t(__cvta_generic_to_shared(wstage));  // the same, as cp.async takes it
 
+  constexpr int RO = GLU ? R / 2 : R;  // output rows per warp
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int row0 = (blockIdx.x * (kWarps / ksplit) + warp / ksplit) * R, ks = warp % ksplit;
+  const int row0 = (blockIdx.x * (kWarps / ksplit) + warp / ksplit) * RO, ks = warp % ksplit;
   const int li = lane % LANES_PER_BLOCK;  // the lane's task inside a block (fixed)
   pdl_trigger();
   if constexpr (G) {
     pdl_wait();  // the expert ids come from the kernel before
     const float* __restrict__ no_scale = nullptr;
-    if (!enter_slot(sl, w, no_scale, x, y, out, in, blockIdx.x * (kWarps / ksplit) * R, (kWarps / ksplit) * R)) return;
+    if (!enter_slot(sl, w, no_scale, x, y, out, in, blockIdx.x * (kWarps / ksplit) * RO, (kWarps / ksplit) * RO))
+      return;
   }
+  // Staged row r: output row row0 + r % RO of the gate (or only) matrix, or of the up one.
+  auto row_of = [&](int r) { return GLU ? r % RO : r; };
+  auto up_of = [&](int r) { return GLU && r >= RO ? sl.up_off : ptrdiff_t(0); };
   float acc[R][NB];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -469,8 +503,8 @@ __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(
     const int g0 = ks * per, g1 = min(nb, g0 + per);
     // Row r's bytes of step g: from the 16-byte boundary at or below its first block.
     auto row_start = [&](int r, int g) {
-      const int row = min(row0 + r, out - 1);  // rows past the end re-read the last row, unused
-      return reinterpret_cast<uintptr_t>(w) + size_t(row) * row_bytes + size_t(g) * T::BS;
+      const int row = min(row0 + row_of(r), out - 1);  // rows past the end re-read the last row, unused
+      return reinterpret_cast<uintptr_t>(w + up_of(r)) + size_t(row) * row_bytes + size_t(g) * T::BS;
     };
     // Runs that start on a 16-byte chunk in rows of whole chunks (w is 16-byte aligned): plain
     // copies from one row pointer; the last chunk of a run ends inside its row. Always so for
@@ -485,8 +519,8 @@ __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(
         const int nch = (nblk * T::BS + 15) >> 4;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          const int rr = min(row0 + r, out - 1) - row0;  // rows past the end re-read the last row, unused
-          const uint8_t* const q = p + size_t(rr) * row_bytes;
+          const int rr = min(row0 + row_of(r), out - 1) - row0;  // rows past the end re-read the last row, unused
+          const uint8_t* const q = p + up_of(r) + size_t(rr) * row_bytes;
           const uint32_t dst = sstage + uint32_t((buf * R + r) * STAGE + 16 * lane);
 #pragma unroll
           for (int j = 0; j < MAXC; ++j)
@@ -499,7 +533,7 @@ __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(
           const int nch = (int(start & 15) + nblk * T::BS + 15) >> 4;
           // Bytes readable from base (32-bit from here on): the last chunk of the matrix is
           // copied in part and zero-filled.
-          const int avail = int(min(wend - base, uintptr_t(STAGE)));
+          const int avail = int(min(wend + up_of(r) - base, uintptr_t(STAGE)));
           const uint32_t dst = sstage + uint32_t((buf * R + r) * STAGE);
 #pragma unroll
           for (int j = 0; j < MAXC; ++j) {
@@ -677,8 +711,12 @@ __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(
   } else {
     pdl_wait();
   }
+  if constexpr (GLU) {
+    finish_glu(acc, row0, out, ks, ksplit, y);
+  } else {
 #pragma unroll
-  for (int r = 0; r < R; ++r) finish<NB>(acc[r], row0 + r, out, ks, ksplit, B, y, os, G ? slot_gate(sl, out) : nullptr);
+    for (int r = 0; r < R; ++r) finish<NB>(acc[r], row0 + r, out, ks, ksplit, B, y, os, G ? slot_gate(sl, out) : nullptr);
+  }
 }
 
 int sm_count() {
@@ -732,30 +770,32 @@ struct Problem {
   Slots sl;
   int S;
   OutSplit os;  // n == 0 unless matvec_multi
+  bool glu = false;  // fused gate + up (matvec_grouped_glu): sl.up_off to the up experts
 };
 
-template <WeightFormat F, int NB, int R, bool G, bool CH>
+template <WeightFormat F, int NB, int R, bool G, bool CH, bool GLU>
 void launch_quant_k(const Problem& p, int k, cudaStream_t s) {
   using St = QStage<F, R>;
   static const bool attr = [] {  // the two stages exceed the 48 KB a launch gets by default
-    check(cudaFuncSetAttribute(matvec_quant<F, NB, R, G, CH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    check(cudaFuncSetAttribute(matvec_quant<F, NB, R, G, CH, GLU>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                int(St::smem)),
           "cudaFuncSetAttribute (matvec)");
     return true;
   }();
   (void)attr;
-  const int rows = (p.out + R - 1) / R;
+  constexpr int RO = GLU ? R / 2 : R;  // output rows per warp
+  const int rows = (p.out + RO - 1) / RO;
   const dim3 g(unsigned((rows + kWarps / k - 1) / (kWarps / k)), unsigned(p.S));
-  check(pdl_launch(matvec_quant<F, NB, R, G, CH>, g, dim3(kThreads), St::smem, s, p.w, p.out, p.in, p.x, p.B, p.y, k,
+  check(pdl_launch(matvec_quant<F, NB, R, G, CH, GLU>, g, dim3(kThreads), St::smem, s, p.w, p.out, p.in, p.x, p.B, p.y, k,
                    p.sl, p.os),
         "matvec launch");
 }
 
-template <WeightFormat F, int NB, int R, bool G>
+template <WeightFormat F, int NB, int R, bool G, bool GLU = false>
 void launch_quant_r(const Problem& p, cudaStream_t s) {
   using T = QTraits<F>;
   using St = QStage<F, R>;
-  const int rows = (p.out + R - 1) / R;
+  const int rows = (p.out + (GLU ? R / 2 : R) - 1) / (GLU ? R / 2 : R);
   // Split K down to about one staged step per warp, so that short matrices still fill the GPU.
   const int nb = p.in / T::QK;
   const int k = choose_ksplit(long(rows) * p.S, nb, std::max(1, St::GR / 2));
@@ -763,16 +803,18 @@ void launch_quant_r(const Problem& p, cudaStream_t s) {
     // Chunk-aligned runs (the kernel's plain copies): whole-chunk rows, K parts and steps.
     const int per = (nb + k - 1) / k;
     const bool ch = size_t(nb) * T::BS % 16 == 0 && size_t(per) * T::BS % 16 == 0 && St::GR * T::BS % 16 == 0 &&
-                    reinterpret_cast<uintptr_t>(p.w) % 16 == 0 && (p.sl.ids == nullptr || p.sl.w_stride % 16 == 0);
-    if (ch) return launch_quant_k<F, NB, R, G, true>(p, k, s);
+                    reinterpret_cast<uintptr_t>(p.w) % 16 == 0 && (p.sl.ids == nullptr || p.sl.w_stride % 16 == 0) &&
+                    p.sl.up_off % 16 == 0;
+    if (ch) return launch_quant_k<F, NB, R, G, true, GLU>(p, k, s);
   }
-  launch_quant_k<F, NB, R, G, false>(p, k, s);
+  launch_quant_k<F, NB, R, G, false, GLU>(p, k, s);
 }
 
 template <WeightFormat F, int NB>
 void launch_quant(const Problem& p, cudaStream_t s) {
   if constexpr (NB == 1) {
     if (p.sl.ids != nullptr) {  // grouped: R = 4 (BIGMOE_MATVEC_GROWS=2 for 2, a tuning knob)
+      if (p.glu) return launch_quant_r<F, 1, 4, true, true>(p, s);
       if (grouped_rows() == 2) return launch_quant_r<F, 1, 2, true>(p, s);
       return launch_quant_r<F, 1, 4, true>(p, s);
     }
@@ -787,15 +829,23 @@ void launch_quant(const Problem& p, cudaStream_t s) {
   }
 }
 
-template <Dense K, int NB, bool G>
-void launch_dense(const Problem& p, cudaStream_t s) {
-  constexpr int R = NB <= 2 ? 4 : 2;
+template <Dense K, int NB, bool G, int R>
+void launch_dense_r(const Problem& p, cudaStream_t s) {
   const int rows = (p.out + R - 1) / R;
   const int k = choose_ksplit(long(rows) * p.S, p.in / dense_epc(K), 64);
   const dim3 g(unsigned((rows + kWarps / k - 1) / (kWarps / k)), unsigned(p.S));
   check(pdl_launch(matvec_dense<K, NB, R, G>, g, dim3(kThreads), 0, s, p.w, p.scale, p.bo, p.bi, p.out, p.in, p.x, p.B,
                    p.y, k, p.sl, p.os),
         "matvec launch");
+}
+
+template <Dense K, int NB, bool G>
+void launch_dense(const Problem& p, cudaStream_t s) {
+  // A plain matvec with few rows (e.g. the router, 256 x 6144 F32) at B = 1: a row per warp, so
+  // its K-split warps fill every SM (4 rows per warp left half of them idle).
+  if constexpr (NB == 1 && !G)
+    if (long(p.out) < long(sm_count()) * 8) return launch_dense_r<K, NB, G, 1>(p, s);
+  launch_dense_r<K, NB, G, NB <= 2 ? 4 : 2>(p, s);
 }
 
 template <Dense K, int NB, bool G>
@@ -946,6 +996,32 @@ void matvec_multi(WeightFormat fmt, const void* w, const float* scale, int bo, i
   BIGMOE_CHECK(B >= 1 && B <= 16, "matvec_multi: batch {} outside 1..16", B);
   Problem p{fmt, static_cast<const uint8_t*>(w), scale, bo, bi, total, in, x, B, ys[0], Slots{nullptr, 0, 0, 1}, 1};
   p.os = os;
+  launch_batch(p, stream);
+}
+
+void matvec_grouped_glu(const ExpertWeights& gate, const ExpertWeights& up, int out, int in, const int* ids, int S,
+                        const float* x, int x_div, float* y, float* scratch, CUstream_st* stream) {
+  BIGMOE_CHECK(gate.fmt == up.fmt && gate.w_stride == up.w_stride && gate.scale_stride == up.scale_stride &&
+                   gate.bo == up.bo && gate.bi == up.bi,
+               "matvec_grouped_glu: gate and up experts differ in format or layout ({} / {}, stride {} / {})",
+               weight_format_name(gate.fmt), weight_format_name(up.fmt), gate.w_stride, up.w_stride);
+  if (!is_quant(gate.fmt)) {  // BF16 / FP8 / F32: the gate, then the up projection with the epilogue
+    BIGMOE_CHECK(scratch != nullptr, "matvec_grouped_glu: {} needs a scratch [S, out]", weight_format_name(gate.fmt));
+    matvec_grouped(gate, out, in, ids, S, x, x_div, scratch, stream);
+    matvec_grouped(up, out, in, ids, S, x, x_div, y, stream, scratch);
+    return;
+  }
+  check_args("matvec_grouped_glu", gate.fmt, gate.w, nullptr, 128, 128, out, in, x);
+  check_args("matvec_grouped_glu", up.fmt, up.w, nullptr, 128, 128, out, in, x);
+  BIGMOE_CHECK(ids != nullptr, "matvec_grouped_glu: ids is null");
+  BIGMOE_CHECK(S >= 1 && S <= 65535, "matvec_grouped_glu: slot count {} outside 1..65535", S);
+  BIGMOE_CHECK(x_div >= 1, "matvec_grouped_glu: x_div {} < 1", x_div);
+  BIGMOE_CHECK(gate.w_stride % 16 == 0, "matvec_grouped_glu: {} needs w_stride % 16 == 0, got {}",
+               weight_format_name(gate.fmt), gate.w_stride);
+  Problem p{gate.fmt, static_cast<const uint8_t*>(gate.w), nullptr, 128, 128, out, in, x, 1, y,
+            Slots{ids, gate.w_stride, 0, x_div}, S};
+  p.sl.up_off = static_cast<const uint8_t*>(up.w) - static_cast<const uint8_t*>(gate.w);
+  p.glu = true;
   launch_batch(p, stream);
 }
 
