@@ -179,9 +179,13 @@ TEST_F(CudaRouting, ShapeCheckAndFlushAtDestruction) {
   EXPECT_EQ(got.layers().size(), 3u);  // glm5_tiny: layers 2-4 are MoE
 }
 
+// The binary under test: $BIGMOE_BINARY when set (tests run from a copy of the tree), else the
+// one built beside this test.
 std::string run_cli(const std::string& args, int* rc) {
   const std::string out = (std::filesystem::temp_directory_path() / "bigmoe_profile_gpu_cli.txt").string();
-  *rc = std::system((std::string(BIGMOE_BINARY) + " " + args + " > " + out + " 2>&1").c_str());
+  const char* env = std::getenv("BIGMOE_BINARY");
+  const std::string bin = env && *env ? env : BIGMOE_BINARY;
+  *rc = std::system((bin + " " + args + " > " + out + " 2>&1").c_str());
   std::ifstream in(out);
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
