@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "backend/cuda/model_ops.h"
+#include "bench_timing.h"
 
 using namespace bigmoe;
 using cuda::WeightFormat;
@@ -45,11 +46,6 @@ __global__ void fill_bf16(uint16_t* p, size_t n, uint32_t seed) {
 __global__ void fill_bytes(uint8_t* p, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     p[i] = uint8_t(dhash(i, seed)) & 0x3f;
-}
-
-float median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 size_t weight_bytes(WeightFormat f, int out, int in) {
@@ -105,17 +101,8 @@ int main(int argc, char** argv) {
         else setenv("BIGMOE_GEMM_CFG", cfg, 1);
         for (int r = 0; r < 3; ++r) cuda::gemm_bf16(w, sh.out, sh.in, x, T, y);  // warm-up
         CK(cudaDeviceSynchronize());
-        std::vector<float> ts;
-        for (int r = 0; r < reps; ++r) {
-          CK(cudaEventRecord(e0));
-          cuda::gemm_bf16(w, sh.out, sh.in, x, T, y);
-          CK(cudaEventRecord(e1));
-          CK(cudaEventSynchronize(e1));
-          float ms;
-          CK(cudaEventElapsedTime(&ms, e0, e1));
-          ts.push_back(ms);
-        }
-        const double t = median(ts) * 1e-3;
+        const double t = bigmoe::bench::median_launch_seconds(reps, e0, e1,
+                                                              [&](int) { cuda::gemm_bf16(w, sh.out, sh.in, x, T, y); });
         const double tflops = 2.0 * T * sh.out * sh.in / t / 1e12;
         std::printf("| %s | %d x %d | %d | %s | %.1f | %.1f |\n", sh.name, sh.out, sh.in, T, cfg, t * 1e6, tflops);
         std::fflush(stdout);
@@ -148,17 +135,8 @@ int main(int argc, char** argv) {
     CK(cudaGetLastError());
     for (int r = 0; r < 3; ++r) cuda::dequant_bf16(f, w, scale, 128, 128, out, in, dst);
     CK(cudaDeviceSynchronize());
-    std::vector<float> ts;
-    for (int r = 0; r < reps; ++r) {
-      CK(cudaEventRecord(e0));
-      cuda::dequant_bf16(f, w, scale, 128, 128, out, in, dst);
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      float ms;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      ts.push_back(ms);
-    }
-    const double t = median(ts) * 1e-3;
+    const double t = bigmoe::bench::median_launch_seconds(
+        reps, e0, e1, [&](int) { cuda::dequant_bf16(f, w, scale, 128, 128, out, in, dst); });
     std::printf("| | %s | %.1f | %.0f |\n", names[fi], t * 1e6,
                 (wb + size_t(out) * in * 2) / t / 1e9);
     std::fflush(stdout);

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "backend/cuda/cuda_ops.h"
+#include "bench_timing.h"
 
 using namespace bigmoe;
 using cuda::WeightFormat;
@@ -41,11 +42,6 @@ __global__ void fill_float(float* p, size_t n, uint32_t seed) {
     h ^= h >> 16;
     p[i] = (float(h & 0xffff) / 65536.f - 0.5f) * 0.01f;
   }
-}
-
-float median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 }  // namespace
@@ -83,7 +79,7 @@ int main(int argc, char** argv) {
       CK(cudaEventElapsedTime(&ms, e0, e1));
       ts.push_back(ms);
     }
-    roof = 2.0 * n / (median(ts) * 1e-3) / 1e9;
+    roof = 2.0 * n / (bench::median(ts) * 1e-3) / 1e9;
     std::printf("roofline: D2D cudaMemcpy 4 GiB, read+write: %.0f GB/s (median of 10)\n\n", roof);
     CK(cudaFree(a));
     CK(cudaFree(b));
@@ -134,17 +130,8 @@ int main(int argc, char** argv) {
         for (int k = 0; k < std::max(nbuf, 3); ++k)
           cuda::matvec(f, ws[k % nbuf], scale, sh.out, sh.in, x, B, y);  // warm-up
         CK(cudaDeviceSynchronize());
-        std::vector<float> ts;
-        for (int r = 0; r < reps; ++r) {
-          CK(cudaEventRecord(e0));
-          cuda::matvec(f, ws[r % nbuf], scale, sh.out, sh.in, x, B, y);
-          CK(cudaEventRecord(e1));
-          CK(cudaEventSynchronize(e1));
-          float ms;
-          CK(cudaEventElapsedTime(&ms, e0, e1));
-          ts.push_back(ms);
-        }
-        const double t = median(ts) * 1e-3;
+        const double t = bench::median_launch_seconds(
+            reps, e0, e1, [&](int r) { cuda::matvec(f, ws[r % nbuf], scale, sh.out, sh.in, x, B, y); });
         const double bytes = double(wbytes + sbytes) + 4.0 * B * (sh.in + sh.out);
         const double gbs = bytes / t / 1e9;
         std::printf("| %s | %d x %d | %s | %d | %.1f | %.1f | %.0f | %.0f%% |\n", sh.name, sh.out, sh.in,
@@ -204,17 +191,8 @@ int main(int argc, char** argv) {
       const int x_div = sh.out == 2048 ? S : 1;
       for (int k = 0; k < 4; ++k) cuda::matvec_grouped(ew, sh.out, sh.in, ids + (k % nsets) * S, S, x, x_div, y);
       CK(cudaDeviceSynchronize());
-      std::vector<float> ts;
-      for (int r = 0; r < reps; ++r) {
-        CK(cudaEventRecord(e0));
-        cuda::matvec_grouped(ew, sh.out, sh.in, ids + (r % nsets) * S, S, x, x_div, y);
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        ts.push_back(ms);
-      }
-      const double t = median(ts) * 1e-3;
+      const double t = bench::median_launch_seconds(
+          reps, e0, e1, [&](int r) { cuda::matvec_grouped(ew, sh.out, sh.in, ids + (r % nsets) * S, S, x, x_div, y); });
       const double bytes = double(S) * (wbytes + sfl * 4) + 4.0 * S * (sh.in + sh.out);
       const double gbs = bytes / t / 1e9;
       std::printf("| %s | %d x %d | %s | %.1f | %.0f | %.0f%% |\n", sh.name, sh.out, sh.in, cuda::weight_format_name(f),

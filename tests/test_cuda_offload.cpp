@@ -94,33 +94,44 @@ cuda::ExpertPlacement make_placement(const std::string& kind, const GlmDsaModel&
   return p;
 }
 
-class CudaOffload : public test::CudaTest,
-                    public ::testing::WithParamInterface<std::tuple<Fixture, const char*>> {
- public:
-  void SetUp() override {
-    test::CudaTest::SetUp();
-    if (IsSkipped()) return;
-    const Fixture& f = std::get<0>(GetParam());
-    placement = std::get<1>(GetParam());
+// A fixture's model, its reference and the CPU reference's logits over prompt + greedy (rows
+// T..T+N-1 are the decode steps' logits), and the engine options every test here shares.
+class OffloadCase : public test::CudaTest {
+ protected:
+  void load(const Fixture& f) {
     m = f.gguf ? GlmDsaModel::load_gguf(fixture(f.name) / "model.gguf") : GlmDsaModel::load(fixture(f.name));
     ref = load_reference(f.ref);
-    // The CPU reference over prompt + greedy (rows T..T+N-1 are the decode steps' logits).
     std::vector<int> all = ref.prompt;
     all.insert(all.end(), ref.greedy.begin(), ref.greedy.end());
     KVCache cache = m->new_cache();
     cpu_logits = m->forward(all, cache, AttnForm::Plain).logits;
-    expect_error = f.gguf && needs_cpu_kernels(placement);
   }
-  cuda::GlmDsaCudaOptions options(int sequences, int rows) const {
+  cuda::GlmDsaCudaOptions engine_options(int sequences, int rows, const std::string& placement_kind) const {
     cuda::GlmDsaCudaOptions o;
     o.max_context = 128;
     o.max_sequences = sequences;
     o.max_rows = rows;
     o.exact_absorb = true;  // float32 throughout: the all-GPU test's 1e-4 applies
     o.prefill_gemm = false;
-    o.experts = make_placement(placement, *m);
+    o.experts = make_placement(placement_kind, *m);
     return o;
   }
+  std::unique_ptr<GlmDsaModel> m;
+  test::Reference ref;
+  std::vector<float> cpu_logits;  // [T + N, V]
+};
+
+class CudaOffload : public OffloadCase, public ::testing::WithParamInterface<std::tuple<Fixture, const char*>> {
+ public:
+  void SetUp() override {
+    test::CudaTest::SetUp();
+    if (IsSkipped()) return;
+    const Fixture& f = std::get<0>(GetParam());
+    placement = std::get<1>(GetParam());
+    load(f);
+    expect_error = f.gguf && needs_cpu_kernels(placement);
+  }
+  cuda::GlmDsaCudaOptions options(int sequences, int rows) const { return engine_options(sequences, rows, placement); }
   // Constructs the engine, or checks the clear error of a placement the fixture cannot take.
   std::unique_ptr<cuda::GlmDsaCuda> make(const cuda::GlmDsaCudaOptions& o) {
     if (!expect_error) return std::make_unique<cuda::GlmDsaCuda>(*m, o);
@@ -152,9 +163,6 @@ class CudaOffload : public test::CudaTest,
   }
 
   std::string placement;
-  std::unique_ptr<GlmDsaModel> m;
-  test::Reference ref;
-  std::vector<float> cpu_logits;  // [T + N, V]
   bool expect_error = false;
 };
 
@@ -295,29 +303,16 @@ INSTANTIATE_TEST_SUITE_P(Placements, CudaOffload,
 // prefetch). The logits must be bitwise those without prefetch (it moves only when bytes arrive,
 // and which slot holds an expert, never what a kernel computes) and within the all-GPU test's
 // 1e-4 of the CPU reference, one sequence and two per step.
-class CudaPrefetch : public test::CudaTest,
-                     public ::testing::WithParamInterface<std::tuple<Fixture, const char*>> {
+class CudaPrefetch : public OffloadCase, public ::testing::WithParamInterface<std::tuple<Fixture, const char*>> {
  public:
   void SetUp() override {
     test::CudaTest::SetUp();
     if (IsSkipped()) return;
-    const Fixture& f = std::get<0>(GetParam());
     policy = std::get<1>(GetParam());
-    m = f.gguf ? GlmDsaModel::load_gguf(fixture(f.name) / "model.gguf") : GlmDsaModel::load(fixture(f.name));
-    ref = load_reference(f.ref);
-    std::vector<int> all = ref.prompt;
-    all.insert(all.end(), ref.greedy.begin(), ref.greedy.end());
-    KVCache cache = m->new_cache();
-    cpu_logits = m->forward(all, cache, AttnForm::Plain).logits;
+    load(std::get<0>(GetParam()));
   }
   cuda::GlmDsaCudaOptions options(int sequences, bool prefetch) const {
-    cuda::GlmDsaCudaOptions o;
-    o.max_context = 128;
-    o.max_sequences = sequences;
-    o.max_rows = 16;
-    o.exact_absorb = true;
-    o.prefill_gemm = false;
-    o.experts = make_placement("stream_lru", *m);  // 3 slots
+    cuda::GlmDsaCudaOptions o = engine_options(sequences, 16, "stream_lru");  // 3 slots
     o.experts.cache_policy = policy;
     o.experts.prefetch = prefetch;
     return o;
@@ -347,9 +342,6 @@ class CudaPrefetch : public test::CudaTest,
   }
 
   std::string policy;
-  std::unique_ptr<GlmDsaModel> m;
-  test::Reference ref;
-  std::vector<float> cpu_logits;  // [T + N, V]
 };
 
 TEST_P(CudaPrefetch, OneSequenceBitwiseAsWithout) {

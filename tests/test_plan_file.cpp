@@ -538,6 +538,13 @@ TEST(PlanFileCli, TextCommandsReadThePlan) {
   ASSERT_EQ((s.run(s.plan_args("glm5_tiny") + " --layout mixed --out " + f, &rc), rc), 0);
   ASSERT_EQ((s.run(s.plan_args("dsv3_tiny") + " --layout mixed --out " + ds, &rc), rc), 0);
   const std::string complete = "complete -p hi -m " + fixture("glm5_tiny").string();
+  // Runs the CLI with args; it must exit with want_rc (-1: any failure) and print `want`.
+  auto expect_run = [&](const std::string& args, int want_rc, const std::string& want) {
+    const std::string o = s.run(args, &rc);
+    if (want_rc < 0) EXPECT_NE(rc, 0) << args << "\n" << o;
+    else EXPECT_EQ(rc, want_rc) << args << "\n" << o;
+    EXPECT_THAT(o, HasSubstr(want)) << args;
+  };
 
   std::string out = s.run(complete + " --plan " + f, &rc);
   EXPECT_EQ(rc, 1) << out;
@@ -550,27 +557,18 @@ TEST(PlanFileCli, TextCommandsReadThePlan) {
   EXPECT_THAT(out, HasSubstr("error: " + ds + ": model.layers = 4, the model has 5 main layers"));
   EXPECT_THAT(out, ::testing::Not(HasSubstr("plan: layout")));
 
-  out = s.run(complete + " --placement experts-cpu --expert-cache-slots 4 --cache-policy lfu --cpu-threads 2", &rc);
-  EXPECT_EQ(rc, 1) << out;
-  EXPECT_THAT(out, HasSubstr("plan: layout experts-cpu (--placement experts-cpu): no prediction; experts: 0 gpu, 48 cpu"));
+  expect_run(complete + " --placement experts-cpu --expert-cache-slots 4 --cache-policy lfu --cpu-threads 2", 1,
+             "plan: layout experts-cpu (--placement experts-cpu): no prediction; experts: 0 gpu, 48 cpu");
 
   out = s.run(complete + " --plan /nonexistent/plan.json", &rc);
   EXPECT_EQ(rc, 1) << out;
   EXPECT_THAT(out, HasSubstr("/nonexistent/plan.json"));
   EXPECT_THAT(out, ::testing::Not(HasSubstr("loading")));  // before the model
 
-  out = s.run(complete + " --expert-cache-slots 4", &rc);
-  EXPECT_EQ(rc, 1) << out;
-  EXPECT_THAT(out, HasSubstr("--expert-cache-slots applies to the GPU engine"));
-  out = s.run(complete + " --expert-prefetch off", &rc);
-  EXPECT_EQ(rc, 1) << out;
-  EXPECT_THAT(out, HasSubstr("--expert-prefetch applies to the GPU engine"));
-  out = s.run(complete + " --placement experts-streamed --expert-cache-slots 4 --expert-prefetch off", &rc);
-  EXPECT_EQ(rc, 1) << out;
-  EXPECT_THAT(out, HasSubstr("no tokenizer"));
-  out = s.run(complete + " --gpu --expert-prefetch maybe", &rc);
-  EXPECT_NE(rc, 0) << out;
-  EXPECT_THAT(out, HasSubstr("maybe"));
+  expect_run(complete + " --expert-cache-slots 4", 1, "--expert-cache-slots applies to the GPU engine");
+  expect_run(complete + " --expert-prefetch off", 1, "--expert-prefetch applies to the GPU engine");
+  expect_run(complete + " --placement experts-streamed --expert-cache-slots 4 --expert-prefetch off", 1, "no tokenizer");
+  expect_run(complete + " --gpu --expert-prefetch maybe", -1, "maybe");
   // A plan's expert_cache shows in the load line.
   {
     json j;
@@ -578,20 +576,12 @@ TEST(PlanFileCli, TextCommandsReadThePlan) {
     j["expert_cache"] = {{"slots", 4}, {"prefetch", false}};
     const std::string fc = (s.dir / "cached.json").string();
     std::ofstream(fc) << j.dump();
-    out = s.run(complete + " --plan " + fc, &rc);
-    EXPECT_EQ(rc, 1) << out;
-    EXPECT_THAT(out, HasSubstr("48 mixed; expert cache: 4 slots, prefetch off"));
+    expect_run(complete + " --plan " + fc, 1, "48 mixed; expert cache: 4 slots, prefetch off");
   }
 
-  out = s.run(complete + " --plan " + f + " --placement mixed", &rc);
-  EXPECT_NE(rc, 0) << out;
-  EXPECT_THAT(out, HasSubstr("excludes"));
-  out = s.run(complete + " --placement hot-cache", &rc);
-  EXPECT_NE(rc, 0) << out;
-  EXPECT_THAT(out, HasSubstr("hot-cache"));
-  out = s.run(complete + " --gpu --cache-policy fifo", &rc);
-  EXPECT_NE(rc, 0) << out;
-  EXPECT_THAT(out, HasSubstr("fifo"));
+  expect_run(complete + " --plan " + f + " --placement mixed", -1, "excludes");
+  expect_run(complete + " --placement hot-cache", -1, "hot-cache");
+  expect_run(complete + " --gpu --cache-policy fifo", -1, "fifo");
 }
 
 }  // namespace
