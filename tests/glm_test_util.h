@@ -1,4 +1,5 @@
-// Helpers shared by the model tests: fixture paths, reference loading, row-wise comparison.
+// Helpers shared by the model tests: fixture paths, reference loading, row-wise comparison,
+// the message of an expected error.
 #pragma once
 #include <gtest/gtest.h>
 
@@ -11,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "util/error.h"
 #include "util/npy.h"
 
 namespace bigmoe::test {
@@ -50,6 +52,17 @@ inline double max_row_rel_err(const float* a, const float* b, size_t rows, size_
     worst = std::max(worst, num / std::max(den, 1e-30));
   }
   return worst;
+}
+
+// The message of the bigmoe::Error f() throws, or "" when it throws none.
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
 }
 
 }  // namespace bigmoe::test

@@ -22,6 +22,7 @@ namespace {
 
 using test::fixture;
 using test::load_reference;
+using test::error_of;
 using test::max_row_rel_err;
 
 struct Case {
@@ -38,17 +39,6 @@ std::unique_ptr<GlmDsaModel> load(const Case& c) {
 int argmax(const float* v, int n) { return int(std::max_element(v, v + n) - v); }
 
 std::vector<int> slice(const std::vector<int>& v, size_t a, size_t b) { return {v.begin() + a, v.begin() + b}; }
-
-// The error message of f(), or "" when it does not throw bigmoe::Error.
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 class CudaGlmDsa : public test::CudaTest, public ::testing::WithParamInterface<Case> {
  public:

@@ -678,6 +678,33 @@ std::vector<int> chunks_to_check(int out) {
   return c;
 }
 
+// One case of the tile tests: a packed source matrix of a tile shape, the chunks to check, a
+// row count and fresh activations.
+struct TileCase {
+  ExpertFormat fmt;
+  int out, in, T;
+  const Src& src;
+  const PackedMatrix& W;
+  const std::vector<int>& chunks;
+  const std::vector<float>& x;
+};
+// f(TileCase) for Q4_K and Q8_0 at every tile shape and row count, until an assertion fails.
+template <typename F>
+void for_each_tile_case(F&& f) {
+  for (ExpertFormat fmt : {ExpertFormat::Q4_K, ExpertFormat::Q8_0})
+    for (auto [out, in] : tile_shapes(fmt)) {
+      auto src = make_src(fmt, out, in);
+      PackedMatrix W = PackedMatrix::pack(src->lin);
+      const std::vector<int> chunks = chunks_to_check(out);
+      for (int T : kTileRowCounts) {
+        SCOPED_TRACE(::testing::Message() << expert_format_name(fmt) << " [" << out << ", " << in << "] T=" << T);
+        const std::vector<float> x = random_x(T, in);
+        f(TileCase{fmt, out, in, T, *src, W, chunks, x});
+        if (::testing::Test::HasFatalFailure()) return;
+      }
+    }
+}
+
 amx::ChunkFn tile_kernel(ExpertFormat f, bool hw) {
   if (f == ExpertFormat::Q4_K) return hw ? amx::q4k_chunk_hw : amx::q4k_chunk_emu;
   return hw ? amx::q80_chunk_hw : amx::q80_chunk_emu;
@@ -705,20 +732,13 @@ void expect_tile_rows(const Src& src, const std::vector<float>& x, int T, const 
 TEST(ExpertAmxTiles, EmulationMatchesAvx2AndReference) {
   SKIP_IF_UNSUPPORTED(CpuIsa::AVX2);
   ThreadPool pool(2, -1, false);
-  for (ExpertFormat fmt : {ExpertFormat::Q4_K, ExpertFormat::Q8_0})
-    for (auto [out, in] : tile_shapes(fmt)) {
-      auto src = make_src(fmt, out, in);
-      PackedMatrix W = PackedMatrix::pack(src->lin);
-      const std::vector<int> chunks = chunks_to_check(out);
-      for (int T : kTileRowCounts) {
-        SCOPED_TRACE(::testing::Message() << expert_format_name(fmt) << " [" << out << ", " << in << "] T=" << T);
-        const std::vector<float> x = random_x(T, in);
-        std::vector<float> y2(size_t(T) * out, NAN);
-        packed_linear(W, x.data(), T, y2.data(), pool, CpuIsa::AVX2);
-        const std::vector<float> ye = run_tile_chunks(tile_kernel(fmt, false), W, tile_acts(fmt, x, T, in), T, chunks);
-        expect_tile_rows(*src, x, T, chunks, ye, y2, "avx2");
-      }
-    }
+  for_each_tile_case([&](const TileCase& c) {
+    std::vector<float> y2(size_t(c.T) * c.out, NAN);
+    packed_linear(c.W, c.x.data(), c.T, y2.data(), pool, CpuIsa::AVX2);
+    const std::vector<float> ye =
+        run_tile_chunks(tile_kernel(c.fmt, false), c.W, tile_acts(c.fmt, c.x, c.T, c.in), c.T, c.chunks);
+    expect_tile_rows(c.src, c.x, c.T, c.chunks, ye, y2, "avx2");
+  });
 }
 
 // The hardware (AMX machines only), forced onto tiles at every row count: the emulation and the
@@ -728,46 +748,44 @@ TEST(ExpertAmxTiles, EmulationMatchesAvx2AndReference) {
 TEST(ExpertAmxTiles, HardwareMatchesEmulationAvx2VnniAndScalar) {
   SKIP_IF_UNSUPPORTED(CpuIsa::AMX);
   ThreadPool pool(0, -1, false), pool3(3, -1, false);
-  for (ExpertFormat fmt : {ExpertFormat::Q4_K, ExpertFormat::Q8_0})
-    for (auto [out, in] : tile_shapes(fmt)) {
-      auto src = make_src(fmt, out, in);
-      PackedMatrix W = PackedMatrix::pack(src->lin);
-      const std::vector<int> chunks = chunks_to_check(out);
-      for (int T : kTileRowCounts) {
-        SCOPED_TRACE(::testing::Message() << expert_format_name(fmt) << " [" << out << ", " << in << "] T=" << T);
-        const std::vector<float> x = random_x(T, in);
-        const size_t n = size_t(T) * out;
-        std::vector<float> y(n, NAN), y3(n, NAN), y2(n, NAN), y5(n, NAN), ys(n, NAN);
-        packed_linear(W, x.data(), T, y.data(), pool, CpuIsa::AMX, 1);
-        packed_linear(W, x.data(), T, y3.data(), pool3, CpuIsa::AMX, 1);
-        packed_linear(W, x.data(), T, y2.data(), pool, CpuIsa::AVX2);
-        packed_linear(W, x.data(), T, y5.data(), pool, CpuIsa::AVX512);
-        packed_linear(W, x.data(), T, ys.data(), pool, CpuIsa::Scalar);
-        for (size_t k = 0; k < n; ++k) {
-          ASSERT_EQ(bits(y[k]), bits(y3[k])) << "3 threads changed output " << k;
-          ASSERT_EQ(bits(y[k]), bits(y2[k])) << "output " << k << ": " << y[k] << " vs avx2 " << y2[k];
-          if (fmt == ExpertFormat::Q4_K) {
-            ASSERT_EQ(bits(y[k]), bits(y5[k])) << "output " << k << " vs avx512vnni";
-          }
-        }
-        const TileActs a = tile_acts(fmt, x, T, in);
-        const std::vector<float> yh = run_tile_chunks(tile_kernel(fmt, true), W, a, T, chunks);
-        const std::vector<float> ye = run_tile_chunks(tile_kernel(fmt, false), W, a, T, chunks);
-        expect_tile_rows(*src, x, T, chunks, yh, ye, "emulation");
-        expect_tile_rows(*src, x, T, chunks, y, yh, "hardware chunks");
-        for (int t = 0; t < T; ++t) {
-          std::vector<double> xd(x.begin() + ptrdiff_t(t) * in, x.begin() + ptrdiff_t(t + 1) * in), xa(xd);
-          for (auto& v : xa) v = std::abs(v);
-          for (int ch : chunks)
-            for (int o = 16 * ch; o < std::min(16 * ch + 16, out); ++o) {
-              const size_t k = size_t(t) * out + o;
-              const RowRef ref = row_ref(*src, o, xd.data(), xa.data());
-              ASSERT_LE(std::abs(double(y[k]) - ys[k]), ref.flt) << "row " << o << " token " << t << " vs scalar";
-              ASSERT_LE(std::abs(double(y[k]) - y5[k]), 2 * ref.flt) << "row " << o << " token " << t << " vs avx512vnni";
-            }
-        }
+  for_each_tile_case([&](const TileCase& c) {
+    const ExpertFormat fmt = c.fmt;
+    const int out = c.out, in = c.in, T = c.T;
+    const Src& src = c.src;
+    const PackedMatrix& W = c.W;
+    const std::vector<int>& chunks = c.chunks;
+    const std::vector<float>& x = c.x;
+    const size_t n = size_t(T) * out;
+    std::vector<float> y(n, NAN), y3(n, NAN), y2(n, NAN), y5(n, NAN), ys(n, NAN);
+    packed_linear(W, x.data(), T, y.data(), pool, CpuIsa::AMX, 1);
+    packed_linear(W, x.data(), T, y3.data(), pool3, CpuIsa::AMX, 1);
+    packed_linear(W, x.data(), T, y2.data(), pool, CpuIsa::AVX2);
+    packed_linear(W, x.data(), T, y5.data(), pool, CpuIsa::AVX512);
+    packed_linear(W, x.data(), T, ys.data(), pool, CpuIsa::Scalar);
+    for (size_t k = 0; k < n; ++k) {
+      ASSERT_EQ(bits(y[k]), bits(y3[k])) << "3 threads changed output " << k;
+      ASSERT_EQ(bits(y[k]), bits(y2[k])) << "output " << k << ": " << y[k] << " vs avx2 " << y2[k];
+      if (fmt == ExpertFormat::Q4_K) {
+        ASSERT_EQ(bits(y[k]), bits(y5[k])) << "output " << k << " vs avx512vnni";
       }
     }
+    const TileActs a = tile_acts(fmt, x, T, in);
+    const std::vector<float> yh = run_tile_chunks(tile_kernel(fmt, true), W, a, T, chunks);
+    const std::vector<float> ye = run_tile_chunks(tile_kernel(fmt, false), W, a, T, chunks);
+    expect_tile_rows(src, x, T, chunks, yh, ye, "emulation");
+    expect_tile_rows(src, x, T, chunks, y, yh, "hardware chunks");
+    for (int t = 0; t < T; ++t) {
+      std::vector<double> xd(x.begin() + ptrdiff_t(t) * in, x.begin() + ptrdiff_t(t + 1) * in), xa(xd);
+      for (auto& v : xa) v = std::abs(v);
+      for (int ch : chunks)
+        for (int o = 16 * ch; o < std::min(16 * ch + 16, out); ++o) {
+          const size_t k = size_t(t) * out + o;
+          const RowRef ref = row_ref(src, o, xd.data(), xa.data());
+          ASSERT_LE(std::abs(double(y[k]) - ys[k]), ref.flt) << "row " << o << " token " << t << " vs scalar";
+          ASSERT_LE(std::abs(double(y[k]) - y5[k]), 2 * ref.flt) << "row " << o << " token " << t << " vs avx512vnni";
+        }
+    }
+  });
 }
 
 // Whole experts with every job on tiles (AMX machines only): within the reference's bounds, and

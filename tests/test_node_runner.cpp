@@ -98,6 +98,16 @@ std::vector<ExpertJob> make_jobs(const Experts& ex, const std::vector<float>& x,
   return jobs;
 }
 
+// The reference: these jobs on one pool of `threads`, their weighted sum into n zeros.
+std::vector<float> one_pool_sum(std::vector<ExpertJob> jobs, size_t n, int threads) {
+  std::vector<float> y(n, 0.f);
+  ThreadPool pool(threads, -1, false);
+  ExpertRunner r(pool);
+  for (auto& j : jobs) j.y = y.data();
+  r.run_experts(jobs);
+  return y;
+}
+
 TEST(NodeRunner, NodesRunTheirGroupsAndSumInNodeOrder) {
   const int n = 9, rows = 6, k = 4;
   Experts ex(n);
@@ -107,14 +117,7 @@ TEST(NodeRunner, NodesRunTheirGroupsAndSumInNodeOrder) {
   for (float& v : x) v = nd(rng);
 
   // Reference: every job on one pool.
-  std::vector<float> want(x.size(), 0.f);
-  {
-    ThreadPool pool(2, -1, false);
-    ExpertRunner r(pool);
-    auto jobs = make_jobs(ex, x, rows, k, 11);
-    for (auto& j : jobs) j.y = want.data();
-    r.run_experts(jobs);
-  }
+  const std::vector<float> want = one_pool_sum(make_jobs(ex, x, rows, k, 11), x.size(), 2);
   // One node: exactly ExpertRunner (the one-node machine's path).
   {
     NodeRunner one({3}, false);
@@ -158,19 +161,13 @@ TEST(NodeRunner, NodesRunTheirGroupsAndSumInNodeOrder) {
         only.push_back(jobs[e]);
         on.push_back(2);
       }
-    std::vector<float> y(x.size(), 5.f), z(x.size(), 0.f);
+    std::vector<float> y(x.size(), 5.f);
     a.run(only, on, y.data(), rows, ex.d);
-    ThreadPool pool(1, -1, false);
-    ExpertRunner r(pool);
     auto again = make_jobs(ex, x, rows, k, 11);
     std::vector<ExpertJob> ref;
     for (size_t e = 0; e < again.size(); ++e)
-      if (node[e] == 2) {
-        ref.push_back(again[e]);
-        ref.back().y = z.data();
-      }
-    r.run_experts(ref);
-    EXPECT_EQ(y, z);
+      if (node[e] == 2) ref.push_back(again[e]);
+    EXPECT_EQ(y, one_pool_sum(ref, x.size(), 1));
   }
 }
 
@@ -190,12 +187,7 @@ TEST(NodeRunner, PinnedOnThisMachinesNodes) {
   for (size_t i = 0; i < cpus.size(); ++i)
     if (cpus[i] > 0) usable.push_back(int(i));
   for (int e = 0; e < n; ++e) node.push_back(usable[size_t(e) % usable.size()]);
-  std::vector<float> want(x.size(), 0.f);
-  ThreadPool pool(1, -1, false);
-  ExpertRunner one(pool);
-  auto ref = make_jobs(ex, x, rows, k, 5);
-  for (auto& j : ref) j.y = want.data();
-  one.run_experts(ref);
+  const std::vector<float> want = one_pool_sum(make_jobs(ex, x, rows, k, 5), x.size(), 1);
   std::vector<float> first;
   for (int rep = 0; rep < 3; ++rep) {
     auto jobs = make_jobs(ex, x, rows, k, 5);

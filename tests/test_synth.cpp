@@ -225,6 +225,7 @@ TEST(Synth, FullModelSize) {
 
 using ::testing::HasSubstr;
 using nlohmann::json;
+using test::error_of;
 
 json read_json(const fs::path& p) {
   std::ifstream in(p);
@@ -234,17 +235,6 @@ json read_json(const fs::path& p) {
 std::string read_bytes(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-// What a call throws (bigmoe::Error expected), "" if nothing.
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 SynthOptions small_fp8() {

@@ -27,7 +27,9 @@
 //    start, moves w / scale / x / y to that expert and token (enter_slot), then runs the B = 1
 //    code unchanged. The kernels take a template flag G for this, so that plain matvec code is
 //    compiled exactly as before (pointers straight from the parameter bank); only NB = 1 (and for
-//    the quant formats R = 4) is built with G.
+//    the quant formats R = 4) is built with G. A grouped up projection may end in the SwiGLU
+//    epilogue (silu(gate) * sum, finish); the quant kernels also fuse gate and up (GLU: a warp's
+//    rows are a gate row pair and its up row pair, finish_glu writes silu(gate) * up).
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -401,6 +403,18 @@ __device__ __forceinline__ void load_x(const float* __restrict__ xp, float (&xv)
   }
 }
 
+// A Q4_K lane task's x: N values at xp (sub-block 2k) and N at xp + 32 (sub-block 2k + 1), and
+// the sum of each.
+template <int N>
+__device__ __forceinline__ void load_x_pair(const float* __restrict__ xp, float (&xa)[N], float (&xb)[N], float& X0,
+                                            float& X1) {
+  load_x(xp, xa);
+  load_x(xp + 32, xb);
+  X0 = 0.f, X1 = 0.f;
+#pragma unroll
+  for (int j = 0; j < N; ++j) X0 += xa[j], X1 += xb[j];
+}
+
 // One lane task: TW weights of one block (LANES lanes per block).
 //  Q8_0: 8 consecutive weights (lane's 1/4 of a block); q converted once to float, dot, times d.
 //  Q4_K: 8 bytes of qs = 8 weights of sub-block 2k (low nibbles) + 8 of 2k+1 (high nibbles);
@@ -592,13 +606,8 @@ __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(
           // 16): 16 weights of sub-block 2k (low nibbles) and 16 of 2k + 1 (high nibbles). x is
           // loaded once for the R rows; each row's scales are decoded once per 32 weights.
           const int k = li / 2, l0 = 16 * (li % 2), j0 = 2 * (k & 1);
-          float xa[16], xb[16];
-          const float* xp = xblk + 64 * k + l0;
-          load_x(xp, xa);
-          load_x(xp + 32, xb);
-          float X0 = 0.f, X1 = 0.f;
-#pragma unroll
-          for (int j = 0; j < 16; ++j) X0 += xa[j], X1 += xb[j];
+          float xa[16], xb[16], X0, X1;
+          load_x_pair(xblk + 64 * k + l0, xa, xb, X0, X1);
 #pragma unroll
           for (int r = 0; r < R; ++r) {
             const uint8_t* bp = sb[r] + blk * T::BS;  // 16-byte aligned
@@ -639,13 +648,8 @@ __global__ void __launch_bounds__(kThreads, q_min_blocks<F, NB>()) matvec_quant(
           }
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
-            float xa[8], xb[8];
-            const float* xp = xblk + size_t(b < B ? b : B - 1) * in + 64 * k + l0;
-            load_x(xp, xa);
-            load_x(xp + 32, xb);
-            float X0 = 0.f, X1 = 0.f;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) X0 += xa[j], X1 += xb[j];
+            float xa[8], xb[8], X0, X1;
+            load_x_pair(xblk + size_t(b < B ? b : B - 1) * in + 64 * k + l0, xa, xb, X0, X1);
 #pragma unroll
             for (int r = 0; r < R; ++r) {
               float s0 = 0.f, s1 = 0.f;
@@ -749,14 +753,6 @@ int quant_rows_b12() {
   return r;
 }
 
-int grouped_rows() {
-  static int r = [] {
-    const char* e = std::getenv("BIGMOE_MATVEC_GROWS");
-    return e && std::atoi(e) == 2 ? 2 : 4;
-  }();
-  return r;
-}
-
 // One launch: a plain matvec (S = 1, sl.ids == nullptr) or a grouped one (S slots, B = 1).
 struct Problem {
   WeightFormat fmt;
@@ -773,8 +769,9 @@ struct Problem {
   bool glu = false;  // fused gate + up (matvec_grouped_glu): sl.up_off to the up experts
 };
 
+// `rows`: warp rows per slot (R output rows each, R / 2 for GLU); k: the K split.
 template <WeightFormat F, int NB, int R, bool G, bool CH, bool GLU>
-void launch_quant_k(const Problem& p, int k, cudaStream_t s) {
+void launch_quant_k(const Problem& p, int rows, int k, cudaStream_t s) {
   using St = QStage<F, R>;
   static const bool attr = [] {  // the two stages exceed the 48 KB a launch gets by default
     check(cudaFuncSetAttribute(matvec_quant<F, NB, R, G, CH, GLU>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -783,8 +780,6 @@ void launch_quant_k(const Problem& p, int k, cudaStream_t s) {
     return true;
   }();
   (void)attr;
-  constexpr int RO = GLU ? R / 2 : R;  // output rows per warp
-  const int rows = (p.out + RO - 1) / RO;
   const dim3 g(unsigned((rows + kWarps / k - 1) / (kWarps / k)), unsigned(p.S));
   check(pdl_launch(matvec_quant<F, NB, R, G, CH, GLU>, g, dim3(kThreads), St::smem, s, p.w, p.out, p.in, p.x, p.B, p.y, k,
                    p.sl, p.os),
@@ -795,7 +790,8 @@ template <WeightFormat F, int NB, int R, bool G, bool GLU = false>
 void launch_quant_r(const Problem& p, cudaStream_t s) {
   using T = QTraits<F>;
   using St = QStage<F, R>;
-  const int rows = (p.out + (GLU ? R / 2 : R) - 1) / (GLU ? R / 2 : R);
+  constexpr int RO = GLU ? R / 2 : R;  // output rows per warp
+  const int rows = (p.out + RO - 1) / RO;
   // Split K down to about one staged step per warp, so that short matrices still fill the GPU.
   const int nb = p.in / T::QK;
   const int k = choose_ksplit(long(rows) * p.S, nb, std::max(1, St::GR / 2));
@@ -805,17 +801,16 @@ void launch_quant_r(const Problem& p, cudaStream_t s) {
     const bool ch = size_t(nb) * T::BS % 16 == 0 && size_t(per) * T::BS % 16 == 0 && St::GR * T::BS % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(p.w) % 16 == 0 && (p.sl.ids == nullptr || p.sl.w_stride % 16 == 0) &&
                     p.sl.up_off % 16 == 0;
-    if (ch) return launch_quant_k<F, NB, R, G, true, GLU>(p, k, s);
+    if (ch) return launch_quant_k<F, NB, R, G, true, GLU>(p, rows, k, s);
   }
-  launch_quant_k<F, NB, R, G, false, GLU>(p, k, s);
+  launch_quant_k<F, NB, R, G, false, GLU>(p, rows, k, s);
 }
 
 template <WeightFormat F, int NB>
 void launch_quant(const Problem& p, cudaStream_t s) {
   if constexpr (NB == 1) {
-    if (p.sl.ids != nullptr) {  // grouped: R = 4 (BIGMOE_MATVEC_GROWS=2 for 2, a tuning knob)
+    if (p.sl.ids != nullptr) {  // grouped: R = 4
       if (p.glu) return launch_quant_r<F, 1, 4, true, true>(p, s);
-      if (grouped_rows() == 2) return launch_quant_r<F, 1, 2, true>(p, s);
       return launch_quant_r<F, 1, 4, true>(p, s);
     }
   }
